@@ -1,0 +1,188 @@
+"""Content keys and crash-safe artifact files.
+
+Every artifact of the pipeline is an immutable file whose name carries a *content key*: a sha256 over
+the inputs' content hashes, the relevant config fields and :data:`PIPELINE_VERSION`. Writers go through
+:func:`atomic_path` (temporary name in the same folder, fsync, rename), so a reader never sees a partial
+file under the final name. Parquet artifacts additionally carry their key in the schema metadata and are
+verified by :func:`read_parquet_checked`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mpafer.errors import ArtifactError
+
+#: Bumped whenever an artifact's meaning changes; part of every content key.
+PIPELINE_VERSION = "1"
+
+_CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) used for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default, ensure_ascii=False)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot hash object of type {type(obj).__name__}")
+
+
+def content_key(*parts: Any) -> str:
+    """sha256 hex digest over the pipeline version and the canonical JSON of ``parts``."""
+    h = hashlib.sha256()
+    h.update(PIPELINE_VERSION.encode())
+    for part in parts:
+        h.update(b"\x00")
+        h.update(canonical_json(part).encode())
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success fsync it and rename it into place.
+
+    On any exception the temporary file is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
+def atomic_write_text(final: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_json(final: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- parquet
+META_KEY = b"mpafer"
+
+
+def write_parquet(table: pa.Table, final: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
+    """Write ``table`` atomically with ``metadata`` (JSON) under the ``mpafer`` schema-metadata key.
+
+    The metadata gains ``n_rows`` so that a reader can tell a complete file from a damaged one.
+    """
+    meta = dict(metadata)
+    meta["n_rows"] = table.num_rows
+    existing = dict(table.schema.metadata or {})
+    existing[META_KEY] = canonical_json(meta).encode()
+    table = table.replace_schema_metadata(existing)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp)
+    return Path(final)
+
+
+def parquet_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``mpafer`` metadata of a Parquet artifact (reads the footer only)."""
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact not found: {path}") from None
+    except Exception as exc:  # pyarrow raises ArrowInvalid & friends for damaged files
+        raise ArtifactError(f"artifact is damaged or not Parquet: {path} ({exc})") from None
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ArtifactError(f"not an mpafer artifact (no metadata): {path}")
+    return json.loads(raw)
+
+
+def read_parquet_checked(
+    path: str | os.PathLike[str], required_columns: tuple[str, ...] = ()
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a Parquet artifact and verify its row count and required columns."""
+    meta = parquet_metadata(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise ArtifactError(f"artifact is damaged: {path} ({exc})") from None
+    if table.num_rows != meta.get("n_rows"):
+        raise ArtifactError(f"artifact is incomplete: {path} has {table.num_rows} rows, expected {meta.get('n_rows')}")
+    missing = [c for c in required_columns if c not in table.column_names]
+    if missing:
+        raise ArtifactError(f"artifact {path} lacks columns {missing}")
+    return table, meta
+
+
+def is_valid_parquet(path: str | os.PathLike[str], required_columns: tuple[str, ...] = ()) -> bool:
+    """True when ``path`` exists and passes :func:`read_parquet_checked`'s checks (footer-level)."""
+    try:
+        meta = parquet_metadata(path)
+        pf = pq.ParquetFile(path)
+        if pf.metadata.num_rows != meta.get("n_rows"):
+            return False
+        names = set(pf.schema_arrow.names)
+        return all(c in names for c in required_columns)
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], timeout: float = 3600.0) -> Iterator[None]:
+    """An inter-process lock (``<path>.lock``), so two runs never write the same artifact at once."""
+    from filelock import FileLock
+
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_path), timeout=timeout):
+        yield

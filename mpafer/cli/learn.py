@@ -1,0 +1,5 @@
+"""CLI commands: learn."""
+
+from __future__ import annotations
+
+from mpafer.cli.app import app, bench_app  # noqa: F401

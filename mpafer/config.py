@@ -1,0 +1,390 @@
+"""Pydantic configuration models, YAML loading with ``extends`` composition, and ``--set`` overrides.
+
+Fields are grouped ``data.*``, ``llm.*``, ``clip.*``, ``model.*``, ``train.*``, ``pipeline.*``. Every
+model forbids unknown fields, so a typo fails before any work starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mpafer.errors import ConfigError
+
+#: Repository root (``configs/``, ``prompts_cache/`` and ``data_manifests/`` live here).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+CANONICAL_CLASSES: tuple[str, ...] = (
+    "neutral",
+    "happiness",
+    "sadness",
+    "surprise",
+    "fear",
+    "disgust",
+    "anger",
+    "contempt",
+)
+
+DatasetName = Literal["rafdb", "ferplus", "affectnet7", "affectnet8", "fer2013", "folder", "csv"]
+Granularity = Literal["coarse", "task", "fine"]
+Variant = Literal[
+    "zeroshot",  # frozen CLIP with hard-prompt class targets, no learning
+    "coop",  # text soft prompts only, global score, cross-entropy
+    "vpt",  # visual prompts only, hand-written prompt text, cross-entropy
+    "soft",  # ablation row 1: soft (text) prompts only == coop
+    "soft+visual",  # row 2: + visual prompts
+    "soft+visual+proto",  # row 3: + prototype-guided visual alignment (L_v)
+    "soft+visual+proto+align",  # row 4: + soft-hard alignment (L_t)
+    "mpa",  # row 5: + CGLA == full MPA-FER
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Model):
+    """Generated synthetic faces (the demo's dataset)."""
+
+    classes: list[str] = Field(
+        default_factory=lambda: ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"]
+    )
+    train_per_class: int = Field(60, ge=1)
+    val_per_class: int = Field(0, ge=0)
+    test_per_class: int = Field(30, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    seed: int = 0
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in CANONICAL_CLASSES]
+        if bad:
+            raise ValueError(f"unknown classes {bad}; allowed: {', '.join(CANONICAL_CLASSES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("classes must be unique")
+        return v
+
+
+class DataConfig(_Model):
+    dataset: DatasetName = "folder"
+    root: Path | None = None
+    #: RAF-DB image set.
+    rafdb_images: Literal["aligned", "original"] = "aligned"
+    #: FERPlus label rule (DATASETS.md).
+    ferplus_label_mode: Literal["majority", "argmax"] = "majority"
+    #: AffectNet layout-A face crop from the box columns.
+    affectnet_crop: Literal["none", "box"] = "none"
+    #: What to do with bad rows: fail with one line, or quarantine them and warn.
+    on_bad: Literal["error", "skip"] = "error"
+    #: Fraction of train carved out as a validation split (seeded, stratified); 0 = none.
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    val_seed: int = 0
+    #: Processes hashing files while a manifest is built (0 = one per CPU).
+    hash_workers: int = Field(0, ge=0)
+    #: Where generated manifests go (relative paths are relative to the project folder).
+    manifest_dir: Path = Path("data_manifests")
+    #: Folder of decoded PNGs for CSV-pixel datasets (FERPlus/FER2013); default ``<root>/_png_cache``.
+    png_cache: Path | None = None
+    #: Synthetic faces, used when ``dataset: folder`` and ``root`` is unset (the demo).
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class LLMConfig(_Model):
+    #: ``cached`` uses the committed description file only (no network); otherwise the model name.
+    model: str = "cached"
+    base_url: str | None = None
+    #: Name of the environment variable holding the API key (never the key itself).
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    seed: int | None = 0
+    max_tokens: int = Field(800, ge=16)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+    #: Descriptions per class (METHOD.md §2: up to 5).
+    n_descriptions: int = Field(5, ge=1, le=50)
+    question: str = "What are the most useful visual features to distinguish the facial expression of {class_name}?"
+    extra_questions: list[str] = Field(default_factory=list)
+    #: Structured output mode: ``json_schema`` via parse(); ``json`` = JSON-only instruction + validation.
+    response_format: Literal["auto", "json_schema", "json"] = "auto"
+    #: With ``auto``: fall back to the JSON-only instruction when the server rejects json_schema.
+    allow_fallback: bool = True
+    #: Bounded re-asks after invalid JSON.
+    max_reasks: int = Field(2, ge=0, le=10)
+    #: The committed descriptions used by ``model: cached``.
+    descriptions_file: Path = Path("prompts_cache/curated.json")
+    #: diskcache folder for LLM responses (relative to the project folder).
+    cache_dir: Path = Path("cache/llm")
+
+    @field_validator("question", "extra_questions")
+    @classmethod
+    def _has_placeholder(cls, v: Any) -> Any:
+        for q in [v] if isinstance(v, str) else v:
+            if "{class_name}" not in q:
+                raise ValueError("each question must contain the placeholder {class_name}")
+        return v
+
+
+class ClipConfig(_Model):
+    #: Any open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``mpafer-tiny``, ...) or ``hf-hub:org/name``.
+    model: str = "ViT-B-16"
+    #: A pretrained tag (``openai``), a weights file path, ``local-dir:/folder`` or ``none`` (random init).
+    pretrained: str = "openai"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Where open_clip looks for / stores downloaded weights.
+    cache_dir: Path | None = None
+
+
+class ModelConfig(_Model):
+    variant: Variant = "mpa"
+    # text prompts (CoOp)
+    n_ctx: int = Field(10, ge=1, le=64)
+    class_specific_ctx: bool = False
+    ctx_init: str | None = None
+    ctx_std: float = Field(0.02, gt=0)
+    # visual prompts (VPT-deep)
+    n_visual_tokens: int = Field(8, ge=1, le=256)
+    #: Number of prompted layers from the first one; ``None`` = all layers.
+    vpt_depth: int | None = Field(None, ge=1)
+    vpt_std: float = Field(0.02, gt=0)
+    # hard prompts
+    granularities: list[Granularity] = Field(default_factory=lambda: ["coarse", "task", "fine"])
+    # CGLA
+    local_features: Literal["tokens", "vv"] = "tokens"
+    topk: int = Field(16, ge=1)
+    # losses
+    tau_align: float = Field(0.07, gt=0)
+    prompt_align: Literal["l1", "contrastive"] = "l1"
+    proto_metric: Literal["cosine", "l1"] = "cosine"
+    beta: float = Field(1.0, ge=0)
+    gamma: float = Field(1.0, ge=0)
+    #: Classification temperature; ``None`` = 1 / CLIP's frozen logit scale.
+    tau_cls: float | None = Field(None, gt=0)
+    #: Images per class used for the prototypes; ``None`` = all (seeded subset otherwise).
+    prototype_subset: int | None = Field(None, ge=1)
+    prototype_seed: int = 0
+
+    @field_validator("granularities")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one granularity is needed")
+        if len(set(v)) != len(v):
+            raise ValueError("granularities must be unique")
+        return v
+
+    # Components implied by the variant -------------------------------------------------------------
+    @property
+    def use_text_prompts(self) -> bool:
+        return self.variant not in ("zeroshot", "vpt")
+
+    @property
+    def use_visual_prompts(self) -> bool:
+        return self.variant in ("vpt", "soft+visual", "soft+visual+proto", "soft+visual+proto+align", "mpa")
+
+    @property
+    def use_prototype_loss(self) -> bool:
+        return self.variant in ("soft+visual+proto", "soft+visual+proto+align", "mpa") and self.gamma > 0
+
+    @property
+    def use_alignment_loss(self) -> bool:
+        return self.variant in ("soft+visual+proto+align", "mpa") and self.beta > 0
+
+    @property
+    def use_cgla(self) -> bool:
+        return self.variant == "mpa"
+
+    @property
+    def trainable(self) -> bool:
+        return self.variant != "zeroshot"
+
+
+class TrainConfig(_Model):
+    epochs: int = Field(120, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.032, gt=0)
+    #: Large-batch rule: lr := lr * batch_size / lr_reference_batch (``linear``) or sqrt thereof.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    lr_reference_batch: int = Field(32, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    warmup_lr: float = Field(1e-5, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    sampler: Literal["random", "balanced"] = "random"
+    #: Training augmentation (METHOD.md §5): RandomResizedCrop(0.8-1) + flip + RandomErasing(0.25).
+    augment: bool = True
+    crop_scale_min: float = Field(0.8, gt=0, le=1)
+    erasing_p: float = Field(0.25, ge=0, le=1)
+    seed: int = 1
+    #: The seed loop: when set, train once per seed and report mean ± std.
+    seeds: list[int] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Autocast for the frozen encoders: ``auto`` = bf16 on GPU, fp32 on CPU.
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    #: torch.compile: ``auto`` = on for GPU.
+    compile: Literal["auto", "on", "off"] = "auto"
+    num_workers: int = Field(2, ge=0)
+    #: Decode and resize images once into a uint8 tensor cache; augment on the device.
+    image_cache: Literal["auto", "on", "off"] = "auto"
+    #: Also checkpoint every N optimisation steps (0 = only at epoch ends).
+    checkpoint_every_steps: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+    #: Number of processes (DDP via torchrun) for ``--devices N``.
+    devices: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.epochs and self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+    @property
+    def effective_lr(self) -> float:
+        ratio = self.batch_size / self.lr_reference_batch
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * ratio**0.5
+        return self.lr
+
+
+class PipelineConfig(_Model):
+    #: Project folder holding every artifact (manifests, features, runs, caches).
+    project_dir: Path = Path("mpafer_work")
+    name: str | None = None
+    #: Stages to recompute even when their artifact exists.
+    refresh: list[Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]] = Field(
+        default_factory=list
+    )
+    #: Cron schedule for the retraining deployment.
+    schedule_cron: str | None = None
+
+
+class Config(_Model):
+    data: DataConfig = Field(default_factory=DataConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def resolve_path(self, p: Path) -> Path:
+        """Resolve a relative path against the project folder (absolute paths pass through)."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (Path(self.pipeline.project_dir) / p)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"] if x != "__root__") or "config"
+        msg = err["msg"]
+        ctx = err.get("ctx") or {}
+        if err["type"] == "literal_error" and "expected" in ctx:
+            msg = f"invalid value {err.get('input')!r}; allowed: {ctx['expected']}"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _find_config(name: str | os.PathLike[str]) -> Path:
+    p = Path(name)
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"config file not found: {name} (looked in ., {CONFIG_DIR})")
+
+
+def load_yaml_dict(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config, resolving ``extends: other.yaml`` (a name or a list, merged in order)."""
+    file = _find_config(path).resolve()
+    if file in _seen:
+        raise ConfigError(f"config 'extends' cycle through {file}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file} must hold a mapping at the top level")
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        ref = parent if Path(parent).is_absolute() else file.parent / parent
+        if not Path(ref).is_file():
+            ref = parent
+        merged = _deep_merge(merged, load_yaml_dict(ref, _seen + (file,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a","b","c"], value) with YAML scalar typing (``1``, ``true``, ``[1,2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    out = _deep_merge({}, data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a group of fields")
+            node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (or the defaults), apply ``--set`` overrides and validate."""
+    data = load_yaml_dict(path) if path is not None else {}
+    return build_config(apply_overrides(data, list(overrides)))
+
+
+def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The embedded default that ``mpafer demo`` runs."""
+    return load_config(CONFIG_DIR / "demo.yaml", overrides)
