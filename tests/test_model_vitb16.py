@@ -1,0 +1,65 @@
+"""The MPAFER module on a full-size ViT-B/16 (random init, CPU): shapes, prompt sizes, one forward."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mpafer.config import ModelConfig
+from mpafer.model import MPAFER
+
+CLASSES = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"]
+
+
+@dataclass
+class StandInTargets:
+    class_targets: torch.Tensor
+    prompt_features: torch.Tensor
+    prompt_labels: torch.Tensor
+    token_means: torch.Tensor
+
+
+@dataclass
+class StandInBackbone:
+    model: Any
+    tokenizer: Any
+    context_length: int = 77
+
+
+def test_vit_b16_mpa_forward_on_cpu() -> None:
+    """Full MPA-FER on ViT-B/16 at 224 px, batch 2 (about 1-3 s of compute on one CPU core)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16").eval()  # random init: no weights needed
+    model.requires_grad_(False)
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    gen = torch.Generator().manual_seed(0)
+    n_prompts = 2 * len(CLASSES)
+    targets = StandInTargets(
+        class_targets=torch.nn.functional.normalize(torch.randn(len(CLASSES), 512, generator=gen), dim=-1),
+        prompt_features=torch.randn(n_prompts, 512, generator=gen),
+        prompt_labels=torch.arange(len(CLASSES)).repeat(2),
+        token_means=torch.randn(n_prompts, 512, generator=gen),
+    )
+    protos = torch.randn(len(CLASSES), 512, generator=gen)
+    mpa = MPAFER(StandInBackbone(model, tok), CLASSES, ModelConfig(variant="mpa"), targets, protos)
+
+    shapes = {n: tuple(p.shape) for n, p in mpa.trainable_named_parameters()}
+    assert shapes == {"text.learner.ctx": (10, 512), "image.prompts": (12, 8, 768)}
+    assert "78,848" in mpa.trainable_summary()  # 10*512 + 12*8*768
+    assert mpa.topk == 16 and mpa.image.n_patches == 196
+
+    images = torch.randn(2, 3, 224, 224, generator=gen)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = mpa(images)
+        parts = mpa.loss(out, torch.tensor([0, 3]))
+    elapsed = time.perf_counter() - t0
+    assert out.logits.shape == (2, 7) and out.global_features.shape == (2, 512)
+    assert set(parts) == {"total", "vt", "ta", "pa", "v"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert elapsed < 30, f"ViT-B/16 forward took {elapsed:.1f} s"
