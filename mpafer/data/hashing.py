@@ -1,0 +1,236 @@
+"""Hash and cheaply verify image files, in parallel, with a stat-keyed cache.
+
+:func:`check_file` reads one file, computes its sha256 and verifies it without decoding the pixels:
+Pillow must recognise the header, PNG chunks must pass :meth:`PIL.Image.Image.verify` (CRCs, ``IEND``),
+and a JPEG must end with its end-of-image marker (a truncated JPEG does not).
+
+:func:`hash_files` checks many files: the :class:`HashCache` (a small SQLite file) maps
+``(absolute path, size, mtime_ns)`` to the earlier result, so an unchanged tree is only ``stat``-ed;
+the misses are checked in a process pool of ``workers`` processes (in this process when there are few).
+Touching a file changes its mtime, so it is hashed again -- to the same sha256.
+
+This module is imported by the worker processes: keep its imports light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sqlite3
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+#: Below this many files to check, no process pool is started.
+POOL_MIN_FILES = 256
+_JPEG_EOI = b"\xff\xd9"
+_JPEG_TAIL = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """The outcome for one file: its sha256 (``None`` when unreadable) and a one-line problem (or ``None``)."""
+
+    sha256: str | None
+    error: str | None
+    size: int = -1
+    mtime_ns: int = -1
+
+
+def verify_image_bytes(data: bytes) -> str | None:
+    """``None`` when ``data`` looks like a complete image, else a short reason (no full decode)."""
+    if not data:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format
+                width, height = img.size
+                if fmt != "JPEG":
+                    img.verify()
+    except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
+        msg = " ".join(str(exc).split())[:120]
+        if "cannot identify image file" in msg:
+            return "unreadable image (not a recognised image format)"
+        return (
+            f"unreadable image ({type(exc).__name__}: {msg})"
+            if msg
+            else f"unreadable image ({type(exc).__name__})"
+        )
+    if width <= 0 or height <= 0:
+        return "image has zero size"
+    if fmt == "JPEG" and data.rfind(_JPEG_EOI, max(0, len(data) - _JPEG_TAIL)) < 0:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def check_file(path: str) -> FileCheck:
+    """Read, hash and verify one file."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        return FileCheck(None, "image not found")
+    except IsADirectoryError:
+        return FileCheck(None, "is a folder, not an image")
+    except OSError as exc:
+        return FileCheck(None, f"cannot read image ({exc.strerror or type(exc).__name__})")
+    sha = hashlib.sha256(data).hexdigest()
+    return FileCheck(sha, verify_image_bytes(data), st.st_size, st.st_mtime_ns)
+
+
+def check_files(paths: Sequence[str]) -> list[FileCheck]:
+    """:func:`check_file` over a chunk of paths (the unit of work sent to a worker process)."""
+    return [check_file(p) for p in paths]
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class HashCache:
+    """``(path, size, mtime_ns) -> (sha256, error)`` in an SQLite file; a damaged file is started afresh."""
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+        "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, error TEXT)"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = self._open()
+        except sqlite3.DatabaseError:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(path) + suffix)
+            self._conn = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60)
+        try:
+            conn.execute(self._SCHEMA)
+            conn.execute("SELECT count(*) FROM files LIMIT 1").fetchone()
+            conn.commit()
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
+        return conn
+
+    def lookup(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str, str | None]]:
+        """Cached ``(size, mtime_ns, sha256, error)`` for those of ``paths`` that have an entry."""
+        found: dict[str, tuple[int, int, str, str | None]] = {}
+        step = 500
+        for i in range(0, len(paths), step):
+            chunk = paths[i : i + step]
+            marks = ",".join("?" * len(chunk))
+            for p, size, mtime, sha, err in self._conn.execute(
+                f"SELECT path, size, mtime_ns, sha256, error FROM files WHERE path IN ({marks})", chunk
+            ):
+                found[p] = (size, mtime, sha, err)
+        return found
+
+    def store(self, entries: Sequence[tuple[str, int, int, str, str | None]]) -> None:
+        """Insert or replace ``(path, size, mtime_ns, sha256, error)`` entries."""
+        if entries:
+            self._conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", entries)
+            self._conn.commit()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def hash_files(
+    paths: Sequence[str],
+    cache: HashCache | None,
+    workers: int,
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> list[FileCheck]:
+    """Check every file in ``paths`` (absolute), reusing ``cache`` entries whose size and mtime match.
+
+    ``on_start`` is called once the worker processes exist (start a progress display there, not before:
+    workers are forked, and forking while a display thread runs is unsafe); ``on_progress(n)`` is called
+    as ``n`` more files are done. Results are in the order of ``paths``.
+    """
+    results: list[FileCheck | None] = [None] * len(paths)
+    stats: list[tuple[int, int] | None] = [None] * len(paths)
+    for i, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            results[i] = FileCheck(None, "image not found")
+            continue
+        except OSError as exc:
+            results[i] = FileCheck(None, f"cannot read image ({exc.strerror or type(exc).__name__})")
+            continue
+        stats[i] = (st.st_size, st.st_mtime_ns)
+    cached = cache.lookup([p for p, s in zip(paths, stats, strict=True) if s is not None]) if cache else {}
+    todo: list[int] = []
+    for i, p in enumerate(paths):
+        if results[i] is not None:
+            continue
+        hit = cached.get(p)
+        if hit is not None and (hit[0], hit[1]) == stats[i]:
+            results[i] = FileCheck(hit[2], hit[3], hit[0], hit[1])
+        else:
+            todo.append(i)
+    fresh: list[tuple[str, int, int, str, str | None]] = []
+
+    def take(indices: list[int], checks: list[FileCheck]) -> None:
+        for i, chk in zip(indices, checks, strict=True):
+            results[i] = chk
+            if chk.sha256 is not None:
+                fresh.append((paths[i], chk.size, chk.mtime_ns, chk.sha256, chk.error))
+        if on_progress:
+            on_progress(len(indices))
+
+    n_workers = max(1, workers)
+    pool: ProcessPoolExecutor | None = None
+    try:
+        if n_workers > 1 and len(todo) >= POOL_MIN_FILES:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            )
+            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx)
+            pool.submit(check_files, []).result()  # start the workers now, before any display thread
+        if on_start:
+            on_start()
+        if on_progress and len(todo) < len(paths):
+            on_progress(len(paths) - len(todo))
+        if pool is None:
+            for chunk in _chunks(todo, 64):
+                take(chunk, check_files([paths[i] for i in chunk]))
+        else:
+            size = max(16, min(512, len(todo) // (n_workers * 8) or 16))
+            pending: list[tuple[list[int], Future[list[FileCheck]]]] = [
+                (chunk, pool.submit(check_files, [paths[i] for i in chunk])) for chunk in _chunks(todo, size)
+            ]
+            for chunk, fut in pending:
+                take(chunk, fut.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if cache is not None:
+            cache.store(fresh)
+    return [r if r is not None else FileCheck(None, "not checked") for r in results]
