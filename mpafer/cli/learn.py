@@ -1,5 +1,116 @@
-"""CLI commands: learn."""
+"""CLI commands: ``mpafer train``, ``mpafer evaluate``, ``mpafer predict``."""
 
 from __future__ import annotations
 
-from mpafer.cli.app import app, bench_app  # noqa: F401
+import json
+from pathlib import Path
+
+import typer
+
+from mpafer.cli.app import app
+from mpafer.cli.common import config_from_options, console, out
+from mpafer.errors import DataError
+
+_CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
+_SET_HELP = "Override a config field, e.g. --set train.epochs=5 (repeatable)."
+
+
+def _require_file(path: Path | None, what: str) -> None:
+    if path is not None and not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+
+
+@app.command()
+def train(
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest Parquet (mpafer manifest)."),
+    text_features: Path | None = typer.Option(None, "--text-features", help="Text-features Parquet (mpafer embed)."),
+    prototypes: Path | None = typer.Option(None, "--prototypes", help="Prototypes Parquet (mpafer embed)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory (resumed when it holds checkpoints)."),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train the prompts (resumable); with train.seeds set, one run per seed plus test evaluation and mean ± std."""
+    from mpafer.train import train as train_run
+    from mpafer.train import train_seeds
+
+    cfg = config_from_options(config, sets)
+    _require_file(manifest, "manifest")
+    _require_file(text_features, "text features")
+    _require_file(prototypes, "prototypes")
+    if cfg.train.seeds:
+        agg = train_seeds(cfg, manifest, text_features, prototypes, run_dir, progress=progress)
+        console.print(
+            f"{agg['n_seeds']} seeds: accuracy {100 * agg['accuracy']:.2f} ± {100 * (agg['accuracy_std'] or 0):.2f}, "
+            f"mean-class {100 * agg['mean_class_accuracy']:.2f} ± {100 * (agg['mean_class_accuracy_std'] or 0):.2f}"
+        )
+        out.print(f"summary {agg['artifacts']['summary']}", markup=False, highlight=False, soft_wrap=True)
+        return
+    result = train_run(cfg, manifest, text_features, prototypes, run_dir, progress=progress)
+    final = result.get("final") or {}
+    msg = f"trained {result['epochs']} epochs ({result['global_step']} steps)"
+    if final.get("train_acc") is not None:
+        msg += f", final train acc {100 * final['train_acc']:.2f}"
+    if final.get("val_acc") is not None:
+        msg += f", val acc {100 * final['val_acc']:.2f}"
+    console.print(msg)
+    out.print(f"run {Path(run_dir).resolve()}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="Run directory of a finished training."),
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest Parquet."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate."),
+    force: bool = typer.Option(False, "--force", help="Recompute even when a matching summary exists."),
+) -> None:
+    """Accuracy, mean-class accuracy, confusion matrix: summary.json, PNGs and report.md in the run directory."""
+    from mpafer.train import evaluate as evaluate_run
+
+    _require_file(manifest, "manifest")
+    summary = evaluate_run(run, manifest, split=split, force=force)
+    console.print(
+        f"{split}: accuracy {100 * summary['accuracy']:.2f}, mean-class accuracy "
+        f"{100 * summary['mean_class_accuracy']:.2f} ({summary['n_test']} images)"
+    )
+    out.print(f"summary {summary['artifacts']['summary']}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report {summary['artifacts']['report']}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    run: Path = typer.Option(..., "--run", help="Run directory holding config.json and prompts.safetensors."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="How many expressions to list per image."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: the run's)."),
+) -> None:
+    """Top-k facial expressions with probabilities. Exit 0: all predicted; 1: some failed; 2: none / bad run."""
+    from rich.table import Table
+
+    from mpafer.train import predict as predict_images
+
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise DataError(f"--device must be cpu, cuda or auto, got {device!r}")
+    preds = predict_images(run, images, top_k=top_k, device=device)
+    failed = [p for p in preds if not p.ok]
+    for p in failed:
+        console.print(f"error: {p.error}", markup=False, highlight=False, soft_wrap=True)
+    good = [p for p in preds if p.ok]
+    if as_json:
+        for p in good:
+            out.print(json.dumps(p.to_dict()), markup=False, highlight=False, soft_wrap=True)
+    elif good:
+        table = Table(title=f"predictions ({run})")
+        table.add_column("image")
+        for i in range(top_k):
+            table.add_column(f"#{i + 1}")
+        for p in good:
+            cells = [f"{c} {100 * prob:.1f}%" for c, prob in p.top]
+            cells += [""] * (top_k - len(cells))
+            table.add_row(str(p.path), *cells)
+        out.print(table)
+    if not good:
+        raise DataError(f"no image could be predicted ({len(failed)} failed)")
+    if failed:
+        raise SystemExit(1)

@@ -1,0 +1,887 @@
+"""The training loop (METHOD.md §5): SGD on the prompts of a frozen CLIP, resumable to the step.
+
+``train(cfg, manifest_path, text_features_path, prototypes_path, run_dir)``:
+
+* SGD (momentum, weight decay) over ``model.trainable_named_parameters()`` only, lr =
+  ``cfg.train.effective_lr``; per-epoch schedule with CoOp's ``ConstantWarmupScheduler`` semantics:
+  ``warmup_epochs`` epochs at ``warmup_lr``, then cosine annealing over ``epochs`` (see
+  :class:`WarmupCosineSchedule`).
+* Frozen encoders under bf16 autocast on GPU (``amp: auto``), fp32 on CPU; prompts, losses and the
+  optimizer in fp32. ``torch.compile`` of the forward pass when ``compile`` is on (``auto`` = CUDA).
+* Seeded and deterministic on CPU: global seeds, ``torch.use_deterministic_algorithms`` (warn-only)
+  during the run, an epoch order that is a pure function of ``(seed, epoch)`` and per-position
+  augmentation seeds (:mod:`mpafer.train.sampler`), so a run resumed mid-epoch is bit-identical to an
+  uninterrupted one.
+* The ``val`` split (when the manifest has one) is evaluated after every epoch for monitoring only;
+  the ``test`` split is never read here. The **last** epoch is the result.
+* Checkpoints at every epoch end and every ``checkpoint_every_steps`` steps
+  (:mod:`mpafer.train.checkpoint`); a finished run's rerun returns the stored result at once.
+* Artifacts in ``run_dir``: ``config.json``, ``run.json``, ``metrics.jsonl`` (one row per epoch),
+  ``checkpoints/``, ``prompts.safetensors`` (the learned prompts only).
+
+Data path: a ``DataLoader`` over :class:`~mpafer.data.images.ManifestDataset` (PIL decode + torchvision
+transforms in worker processes), or with ``image_cache`` on (``auto`` = CUDA) the training split decoded
+once into a uint8 tensor and augmented on the device (``decode_to_uint8_cache`` + ``gpu_augment``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mpafer.artifacts import atomic_write_json, atomic_write_text, content_key, file_lock, sha256_file
+from mpafer.config import Config, TrainConfig
+from mpafer.errors import ArtifactError, ConfigError
+from mpafer.train.checkpoint import (
+    CHECKPOINT_DIR,
+    capture_rng_state,
+    clean_stale_temporaries,
+    load_latest_valid,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mpafer.train.sampler import EpochBatchSampler, SeededTransformDataset, derive_seed
+
+__all__ = [
+    "OPERATIONAL_TRAIN_FIELDS",
+    "RunInputs",
+    "WarmupCosineSchedule",
+    "build_model",
+    "load_inputs",
+    "resolve_amp",
+    "resolve_compile",
+    "resolve_device",
+    "resolve_image_cache",
+    "run_inference",
+    "train",
+    "training_key",
+]
+
+#: ``train.*`` fields that change how a run is computed but not what it learns; excluded from the key,
+#: so that a run can be resumed with other values (more workers, another checkpoint cadence, ...).
+OPERATIONAL_TRAIN_FIELDS = frozenset(
+    {
+        "device",
+        "amp",
+        "compile",
+        "num_workers",
+        "image_cache",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "log_every_steps",
+        "devices",
+        "seeds",
+    }
+)
+CHECKPOINT_FORMAT = 1
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+PROMPTS_FILE = "prompts.safetensors"
+TRAIN_RESULT_FILE = "train.json"
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def resolve_device(cfg: Config) -> torch.device:
+    """``train.device`` when set, else ``clip.device``; ``auto`` → CUDA when available, else CPU."""
+    name = cfg.train.device if cfg.train.device != "auto" else cfg.clip.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda (or clip.device=cuda) but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_amp(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the frozen encoders: ``auto`` = bf16 on GPU, none (fp32) on CPU."""
+    if train_cfg.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[train_cfg.amp]
+
+
+def resolve_compile(train_cfg: TrainConfig, device: torch.device) -> bool:
+    """``compile: auto`` = on for CUDA."""
+    return train_cfg.compile == "on" or (train_cfg.compile == "auto" and device.type == "cuda")
+
+
+def resolve_image_cache(train_cfg: TrainConfig, device: torch.device) -> bool:
+    """``image_cache: auto`` = on for CUDA (decode once, augment on the device)."""
+    return train_cfg.image_cache == "on" or (train_cfg.image_cache == "auto" and device.type == "cuda")
+
+
+def training_key(cfg: Config, input_keys: Mapping[str, str | None]) -> str:
+    """Content key of a training run: what it learns from (inputs) and how (non-operational config)."""
+    train_part = cfg.train.model_dump(mode="json", exclude=set(OPERATIONAL_TRAIN_FIELDS))
+    clip_part = cfg.clip.model_dump(mode="json", include={"model", "pretrained", "precision"})
+    return content_key("train-run", dict(input_keys), clip_part, cfg.model.model_dump(mode="json"), train_part)
+
+
+# ------------------------------------------------------------------------------------------ schedule
+class WarmupCosineSchedule:
+    """Per-epoch learning rate with CoOp's ``ConstantWarmupScheduler`` + ``CosineAnnealingLR`` semantics.
+
+    Epoch ``e`` (0-based) trains at ``warmup_lr`` while ``e < warmup_epochs``; afterwards at
+    ``base_lr · (1 + cos(π · (e − warmup_epochs) / epochs)) / 2`` — the cosine successor counts its own
+    epochs from the end of the warm-up and anneals over ``T_max = epochs``, as in Dassl/CoOp.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int,
+                 warmup_epochs: int, warmup_lr: float) -> None:
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr)
+        self.epochs = int(epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_lr = float(warmup_lr)
+        self.epoch = 0
+        self.set_epoch(0)
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        t = epoch - self.warmup_epochs
+        return self.base_lr * (1.0 + math.cos(math.pi * t / max(1, self.epochs))) / 2.0
+
+    def set_epoch(self, epoch: int) -> float:
+        self.epoch = int(epoch)
+        lr = self.lr_at(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def get_last_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "base_lr": self.base_lr, "epochs": self.epochs,
+                "warmup_epochs": self.warmup_epochs, "warmup_lr": self.warmup_lr}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.base_lr = float(state["base_lr"])
+        self.epochs = int(state["epochs"])
+        self.warmup_epochs = int(state["warmup_epochs"])
+        self.warmup_lr = float(state["warmup_lr"])
+        self.set_epoch(int(state["epoch"]))
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class RunInputs:
+    """Everything a run reads besides the backbone: the manifest and the frozen class knowledge."""
+
+    manifest: Any
+    classes: list[str]
+    targets: Any | None
+    prototypes: torch.Tensor | None
+    input_keys: dict[str, str | None]
+    paths: dict[str, str | None] = field(default_factory=dict)
+
+
+def _needs_targets(cfg: Config) -> bool:
+    """Variants whose classifier is the hard-prompt class targets, or that align to them."""
+    return not cfg.model.use_text_prompts or cfg.model.use_alignment_loss
+
+
+def load_inputs(
+    cfg: Config,
+    manifest_path: str | os.PathLike[str],
+    text_features_path: str | os.PathLike[str] | None,
+    prototypes_path: str | os.PathLike[str] | None,
+) -> RunInputs:
+    """Load the manifest, the text targets and the prototypes, and name them by content."""
+    from mpafer.data.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    classes = list(manifest.classes)
+    targets = None
+    if text_features_path is not None:
+        from mpafer.clip.text_features import load_text_features
+
+        targets = load_text_features(text_features_path, classes)
+    elif _needs_targets(cfg):
+        raise ConfigError(f"model.variant={cfg.model.variant} needs the hard-prompt text features (--text-features)")
+    prototypes = None
+    if prototypes_path is not None:
+        from mpafer.clip.prototypes import load_prototypes
+
+        prototypes, _counts = load_prototypes(prototypes_path, classes)
+    elif cfg.model.use_prototype_loss:
+        raise ConfigError(f"model.variant={cfg.model.variant} needs the class prototypes (--prototypes)")
+    keys = {
+        "manifest": str(manifest.key),
+        "text_features": sha256_file(text_features_path) if text_features_path is not None else None,
+        "prototypes": sha256_file(prototypes_path) if prototypes_path is not None else None,
+    }
+    paths = {
+        "manifest": str(Path(manifest_path).resolve()),
+        "text_features": str(Path(text_features_path).resolve()) if text_features_path is not None else None,
+        "prototypes": str(Path(prototypes_path).resolve()) if prototypes_path is not None else None,
+    }
+    return RunInputs(manifest, classes, targets, prototypes, keys, paths)
+
+
+def build_model(cfg: Config, backbone: Any, classes: list[str], targets: Any | None,
+                prototypes: torch.Tensor | None) -> nn.Module:
+    """The MPA-FER module for ``cfg.model`` on the backbone's device."""
+    from mpafer.model import MPAFER
+
+    model = MPAFER(backbone, classes, cfg.model, targets, prototypes)
+    return model.to(backbone.device)
+
+
+def load_backbone_for(cfg: Config, device: torch.device) -> Any:
+    """The frozen backbone of ``cfg.clip`` on ``device``."""
+    from mpafer.clip import load_backbone
+
+    return load_backbone(cfg.clip.model_copy(update={"device": device.type}))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: derive Python/numpy seeds from the worker's torch seed."""
+    s = torch.initial_seed() % (1 << 32)
+    random.seed(s)
+    np.random.seed(s)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Turn on ``torch.use_deterministic_algorithms`` (warn-only) for the block and restore it after."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.trainable_named_parameters()]  # type: ignore[operator]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_trainable(model: nn.Module, console: Any) -> int:
+    """Print the trainable tensors (``model.trainable_summary()`` when it gives text) and their count."""
+    params = trainable_parameters(model)
+    total = sum(p.numel() for _, p in params)
+    summary = model.trainable_summary() if hasattr(model, "trainable_summary") else None
+    if isinstance(summary, str) and summary.strip():
+        console.print(summary)
+    else:
+        from rich.table import Table
+
+        table = Table(title="trainable tensors", show_lines=False)
+        table.add_column("name")
+        table.add_column("shape")
+        table.add_column("params", justify="right")
+        for name, p in params:
+            table.add_row(name, "×".join(str(s) for s in p.shape), f"{p.numel():,}")
+        console.print(table)
+    console.print(f"trainable: {len(params)} tensors, {total:,} parameters "
+                  f"({total * 4 / 1e6:.3f} MB in fp32); every other parameter is frozen")
+    return total
+
+
+@torch.no_grad()
+def run_inference(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    forward: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Logits of every batch with the class text features computed once.
+
+    Returns ``(logits [N,C] fp32 CPU, labels [N] CPU, preds [N] CPU, seconds)``.
+    """
+    fwd = forward or model
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    logits_all: list[torch.Tensor] = []
+    labels_all: list[torch.Tensor] = []
+    try:
+        with _autocast(device, amp_dtype):
+            text_features = model.class_text_features()  # type: ignore[operator]
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                out = fwd(images, text_features=text_features)
+            logits_all.append(out.logits.float().cpu())
+            labels_all.append(torch.as_tensor(labels).cpu())
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    n_classes = len(getattr(model, "classnames", [])) or 0
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, n_classes)
+    labels_t = torch.cat(labels_all).long() if labels_all else torch.zeros(0, dtype=torch.long)
+    preds = logits.argmax(dim=-1) if logits.numel() else torch.zeros(0, dtype=torch.long)
+    return logits, labels_t, preds, seconds
+
+
+def eval_loader(manifest: Any, split: str, transform: Any, cfg: Config,
+                device: torch.device, batch_size: int | None = None) -> DataLoader:
+    """A sequential loader over one split with the test-time transform."""
+    from mpafer.data.images import ManifestDataset
+
+    train_cfg = cfg.train
+    ds = ManifestDataset(manifest, split, transform, affectnet_crop=cfg.data.affectnet_crop)
+    nw = train_cfg.num_workers
+    return DataLoader(ds, batch_size=batch_size or train_cfg.eval_batch_size, shuffle=False,
+                      num_workers=nw, pin_memory=device.type == "cuda", worker_init_fn=_seed_worker)
+
+
+# ------------------------------------------------------------------------------------------ data paths
+class _LoaderBatches:
+    """Training batches from a DataLoader over ``ManifestDataset`` with seeded per-item transforms."""
+
+    def __init__(self, manifest: Any, transform: Any, train_cfg: TrainConfig, device: torch.device,
+                 labels: list[int], affectnet_crop: str) -> None:
+        from mpafer.data.images import ManifestDataset
+
+        self.device = device
+        self.sampler = EpochBatchSampler(labels, train_cfg.batch_size, train_cfg.seed, train_cfg.sampler)
+        dataset = SeededTransformDataset(ManifestDataset(manifest, "train", transform, affectnet_crop=affectnet_crop))
+        nw = train_cfg.num_workers
+        kwargs: dict[str, Any] = {}
+        if nw > 0:
+            kwargs["persistent_workers"] = device.type == "cuda"
+            kwargs["prefetch_factor"] = 4
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=nw,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(derive_seed("loader", train_cfg.seed)),
+            **kwargs,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch, start_batch)
+        for images, labels in self.loader:
+            yield (images.to(self.device, non_blocking=True),
+                   torch.as_tensor(labels).to(self.device, non_blocking=True))
+
+
+class _CachedBatches:
+    """Training batches from a uint8 image cache, augmented on the device.
+
+    The split is decoded and resized once (``decode_to_uint8_cache``), kept on the device when it fits
+    comfortably (else in host memory, batches copied over), and each batch is augmented by
+    ``gpu_augment`` with a generator seeded from ``(seed, epoch, batch index)``: the augmentation of a
+    batch is, like the order, a pure function of the run's seed and position, so resuming is exact.
+    """
+
+    def __init__(self, manifest: Any, image_size: int, mean: Any, std: Any, train_cfg: TrainConfig,
+                 device: torch.device, labels: list[int], affectnet_crop: str) -> None:
+        from mpafer.data import images as img
+
+        self.img = img
+        self.device = device
+        self.tc = train_cfg
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.sampler = EpochBatchSampler(labels, train_cfg.batch_size, train_cfg.seed, train_cfg.sampler)
+        ds = img.ManifestDataset(manifest, "train", None, affectnet_crop=affectnet_crop)
+        cache, cache_labels = img.decode_to_uint8_cache(
+            ds.samples, image_size, num_workers=max(train_cfg.num_workers, os.cpu_count() or 1), boxes=ds.boxes
+        )
+        self.images = cache.to(device) if self._fits(cache, device) else cache
+        self.labels = cache_labels.to(device)
+
+    @staticmethod
+    def _fits(cache: torch.Tensor, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return True
+        free, _total = torch.cuda.mem_get_info(device)
+        return cache.numel() * cache.element_size() < 0.25 * free
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch, 0)
+        batches = self.sampler.epoch_batches()
+        for b in range(start_batch, len(batches)):
+            idx = torch.tensor([i for i, _ in batches[b]], dtype=torch.long)
+            x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
+            y = self.labels.index_select(0, idx.to(self.labels.device))
+            if self.tc.augment:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(derive_seed("gpu-augment", self.tc.seed, epoch, b))
+                x = self.img.gpu_augment(x, self.mean, self.std, self.tc.crop_scale_min, self.tc.erasing_p,
+                                         generator=g)
+            else:
+                x = self.img.normalize_uint8(x, self.mean, self.std)
+            yield x, y
+
+
+# ------------------------------------------------------------------------------------------ run files
+def _write_prompts(run_dir: Path, prompts: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    from mpafer.train.predict import save_prompts
+
+    return save_prompts(run_dir / PROMPTS_FILE, prompts, meta)
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> Path:
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+    return atomic_write_text(run_dir / METRICS_FILE, text)
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> None:
+    """Write ``config.json`` and ``run.json``; refuse a run directory that holds another run."""
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        try:
+            existing = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            existing = {}
+        if existing.get("config_key") not in (None, key):
+            raise ArtifactError(
+                f"run directory {run_dir} holds a run with another configuration or inputs "
+                f"(config key {str(existing.get('config_key'))[:16]} ≠ {key[:16]}); choose a new run directory"
+            )
+    atomic_write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
+    atomic_write_json(run_file, {
+        "config_key": key,
+        "classes": inputs.classes,
+        "inputs": inputs.paths,
+        "input_keys": inputs.input_keys,
+        "n_train": len(inputs.manifest.items("train")),
+        "n_val": len(inputs.manifest.items("val")),
+    })
+
+
+def _prompt_metadata(cfg: Config, backbone: Any, classes: list[str], key: str) -> dict[str, Any]:
+    return {
+        "classes": list(classes),
+        "variant": cfg.model.variant,
+        "clip_model": str(getattr(backbone, "model_name", cfg.clip.model)),
+        "weights_identity": str(getattr(backbone, "identity", cfg.clip.pretrained)),
+        "clip_pretrained": cfg.clip.pretrained,
+        "config_key": key,
+    }
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class _Trainer:
+    """One training run; state lives here so that checkpoints can capture and restore all of it."""
+
+    def __init__(self, cfg: Config, inputs: RunInputs, run_dir: Path, key: str, progress: bool) -> None:
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.inputs = inputs
+        self.run_dir = run_dir
+        self.key = key
+        self.progress = progress
+        self.console = _console()
+        self.device = resolve_device(cfg)
+        self.amp_dtype = resolve_amp(self.tc, self.device)
+        self.use_compile = resolve_compile(self.tc, self.device)
+        self.use_cache = resolve_image_cache(self.tc, self.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
+        seed_everything(self.tc.seed)
+        self.backbone = load_backbone_for(cfg, self.device)
+        self.model = build_model(cfg, self.backbone, inputs.classes, inputs.targets, inputs.prototypes)
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.trainable_tensors = {n: int(p.numel()) for n, p in trainable_parameters(self.model)}
+        self.trainable_params = sum(self.trainable_tensors.values())
+        self.learns = cfg.model.trainable and self.tc.epochs > 0 and bool(self.params)
+        self.forward: Callable[..., Any] = self.model
+        if self.use_compile and self.learns:
+            self.forward = torch.compile(self.model)
+
+        from mpafer.data.images import clip_transforms
+
+        self.train_tf, self.test_tf = clip_transforms(self.backbone.image_size, self.backbone.mean,
+                                                      self.backbone.std, self.tc)
+        self.train_labels = [int(label) for _, label in inputs.manifest.items("train")]
+        self.n_train = len(self.train_labels)
+        self.n_val = len(inputs.manifest.items("val"))
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: WarmupCosineSchedule | None = None
+        if self.learns:
+            self.optimizer = torch.optim.SGD(self.params, lr=self.tc.effective_lr, momentum=self.tc.momentum,
+                                             weight_decay=self.tc.weight_decay)
+            self.schedule = WarmupCosineSchedule(self.optimizer, self.tc.effective_lr, self.tc.epochs,
+                                                 self.tc.warmup_epochs, self.tc.warmup_lr)
+        # progress state
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.accum: dict[str, torch.Tensor] = {}
+        self.seen = 0
+        self.correct = 0
+        self.epoch_time = 0.0
+        self.timed_images = 0
+        self.train_time = 0.0
+        self.step_time = 0.0
+        self.step_images = 0
+
+    # -------------------------------------------------------------------------------- data
+    def _train_batches(self) -> Any:
+        if self.use_cache:
+            return _CachedBatches(self.inputs.manifest, self.backbone.image_size, self.backbone.mean,
+                                  self.backbone.std, self.tc, self.device, self.train_labels,
+                                  self.cfg.data.affectnet_crop)
+        tf = self.train_tf if self.tc.augment else self.test_tf
+        return _LoaderBatches(self.inputs.manifest, tf, self.tc, self.device, self.train_labels,
+                              self.cfg.data.affectnet_crop)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _state(self, finished: bool, result: dict[str, Any] | None) -> dict[str, Any]:
+        prompts = {k: v.detach().cpu().clone() for k, v in self.model.prompt_state_dict().items()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config_key": self.key,
+            "prompts": prompts,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.schedule.state_dict() if self.schedule is not None else None,
+            "rng": capture_rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "history": list(self.history),
+            "epoch_accum": {k: float(v.item()) for k, v in self.accum.items()},
+            "epoch_seen": self.seen,
+            "epoch_correct": self.correct,
+            "epoch_time_s": self.epoch_time,
+            "epoch_timed_images": self.timed_images,
+            "train_time_s": self.train_time,
+            "step_time_s": self.step_time,
+            "step_images": self.step_images,
+            "finished": finished,
+            "result": result,
+            "prompt_meta": _prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key),
+        }
+
+    def save(self, finished: bool = False, result: dict[str, Any] | None = None) -> Path:
+        return save_checkpoint(self.run_dir / CHECKPOINT_DIR, self._state(finished, result), self.global_step,
+                               self.tc.keep_checkpoints)
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        if state.get("config_key") != self.key:
+            raise ArtifactError(f"checkpoint in {self.run_dir} belongs to another run (config key differs)")
+        self.model.load_prompt_state_dict({k: v.to(self.device) for k, v in state["prompts"].items()})
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None and state.get("scheduler") is not None:
+            self.schedule.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = [dict(r) for r in state["history"]]
+        self.accum = {k: torch.tensor(v, dtype=torch.float64, device=self.device)
+                      for k, v in state["epoch_accum"].items()}
+        self.seen = int(state["epoch_seen"])
+        self.correct = int(state["epoch_correct"])
+        self.epoch_time = float(state["epoch_time_s"])
+        self.timed_images = int(state["epoch_timed_images"])
+        self.train_time = float(state["train_time_s"])
+        self.step_time = float(state["step_time_s"])
+        self.step_images = int(state["step_images"])
+
+    # -------------------------------------------------------------------------------- loop
+    def _reset_epoch(self) -> None:
+        self.accum = {}
+        self.seen = 0
+        self.correct = 0
+        self.epoch_time = 0.0
+        self.timed_images = 0
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        assert self.optimizer is not None
+        with _autocast(self.device, self.amp_dtype):
+            out = self.forward(images)
+        losses = self.model.loss(out, labels)  # type: ignore[operator]
+        total = losses["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
+        self.optimizer.step()
+        bs = int(labels.shape[0])
+        with torch.no_grad():
+            for name, value in losses.items():
+                v = torch.as_tensor(value, device=self.device).detach().to(torch.float64) * bs
+                if name in self.accum:
+                    self.accum[name] += v
+                else:
+                    self.accum[name] = v.clone()
+            hits = (out.logits.detach().argmax(dim=-1) == labels).sum()
+            if "correct" in self.accum:
+                self.accum["correct"] += hits.to(torch.float64)
+            else:
+                self.accum["correct"] = hits.to(torch.float64).clone()
+        self.seen += bs
+
+    def _val_metrics(self) -> dict[str, Any]:
+        if self.n_val == 0:
+            return {}
+        from mpafer.train.metrics import classification_metrics
+
+        loader = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
+        _, labels, preds, _ = run_inference(self.model, loader, self.device, self.amp_dtype, self.forward)
+        m = classification_metrics(preds, labels, self.inputs.classes)
+        return {"val_acc": m["accuracy"], "val_mean_class_acc": m["mean_class_accuracy"]}
+
+    def _epoch_row(self, lr: float) -> dict[str, Any]:
+        n = max(1, self.seen)
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "global_step": self.global_step, "lr": lr}
+        for name, v in sorted(self.accum.items()):
+            if name == "correct":
+                continue
+            row["loss" if name == "total" else f"loss_{name}"] = float(v.item()) / n
+        row["train_acc"] = float(self.accum["correct"].item()) / n if "correct" in self.accum else None
+        row["n_images"] = self.seen
+        row["epoch_time_s"] = round(self.epoch_time, 4)
+        row["images_per_s"] = round(self.timed_images / self.epoch_time, 2) if self.epoch_time > 0 else None
+        row.update(self._val_metrics())
+        return row
+
+    def _result(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        tput = self.step_images / self.step_time if self.step_time > 0 else None
+        return {
+            "completed": True,
+            "config_key": self.key,
+            "classes": list(self.inputs.classes),
+            "variant": self.cfg.model.variant,
+            "epochs": self.tc.epochs if self.learns else 0,
+            "global_step": self.global_step,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "trainable_params": self.trainable_params,
+            "trainable_tensors": self.trainable_tensors,
+            "final": dict(last),
+            "throughput_img_s": round(tput, 2) if tput is not None else None,
+            "timings": {"train": round(self.train_time, 4)},
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32",
+            "compiled": bool(self.use_compile and self.learns),
+            "image_cache": bool(self.use_cache and self.learns),
+            "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
+                          "metrics": METRICS_FILE, "checkpoints": CHECKPOINT_DIR, "train": TRAIN_RESULT_FILE},
+        }
+
+    def _partial(self) -> dict[str, Any]:
+        return {"completed": False, "config_key": self.key, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "history": list(self.history)}
+
+    def _finish(self) -> dict[str, Any]:
+        result = self._result()
+        self.save(finished=True, result=result)
+        _write_metrics(self.run_dir, self.history)
+        _write_prompts(self.run_dir, self.model.prompt_state_dict(),
+                       _prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key))
+        atomic_write_json(self.run_dir / TRAIN_RESULT_FILE, result)
+        return result
+
+    def run(self, resume: Mapping[str, Any] | None, max_steps: int | None,
+            on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        _print_trainable(self.model, self.console)
+        if resume is not None:
+            self.restore(resume)
+            self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                               f"(global step {self.global_step})")
+        if not self.learns:
+            return self._finish()
+
+        data = self._train_batches()
+        steps = data.steps_per_epoch
+        if steps == 0:
+            raise ConfigError("the training split is empty")
+        start_clock = time.perf_counter()
+        every = self.tc.checkpoint_every_steps
+        with self._progress(steps) as (bar, task):
+            while self.epoch < self.tc.epochs:
+                assert self.schedule is not None
+                lr = self.schedule.set_epoch(self.epoch)
+                self.model.train()
+                t_mark = time.perf_counter()
+                window_imgs, window_t = 0, time.perf_counter()
+                for images, labels in data.epoch(self.epoch, self.step_in_epoch):
+                    self._train_step(images, labels)
+                    if self.device.type == "cuda" and (self.global_step + 1) % self.tc.log_every_steps == 0:
+                        torch.cuda.synchronize(self.device)
+                    bs = int(labels.shape[0])
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    now = time.perf_counter()
+                    # images/s counts data loading and the step (checkpoint writes excluded)
+                    self.epoch_time += now - t_mark
+                    self.step_time += now - t_mark
+                    self.timed_images += bs
+                    self.step_images += bs
+                    window_imgs += bs
+                    t_mark = now
+                    if bar is not None:
+                        fields: dict[str, Any] = {}
+                        if self.global_step % self.tc.log_every_steps == 0 or self.step_in_epoch == steps:
+                            total = self.accum.get("total")
+                            if total is not None:
+                                fields["loss"] = f"{float(total.item()) / max(1, self.seen):.4f}"
+                            fields["ips"] = f"{window_imgs / max(1e-9, now - window_t):.1f}"
+                            window_imgs, window_t = 0, now
+                        bar.update(task, advance=1, epoch=self.epoch + 1, **fields)
+                    if self.step_in_epoch < steps:
+                        due_ckpt = every > 0 and self.global_step % every == 0
+                        stop = max_steps is not None and self.global_step >= max_steps
+                        if due_ckpt or stop:
+                            self.train_time += time.perf_counter() - start_clock
+                            start_clock = time.perf_counter()
+                            self.save()
+                        if on_step is not None:
+                            on_step(self.global_step)
+                        if stop:
+                            return self._partial()
+                        t_mark = time.perf_counter()
+                # epoch end
+                row = self._epoch_row(lr)
+                self.history.append(row)
+                self.console.print(self._row_text(row))
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._reset_epoch()
+                self.train_time += time.perf_counter() - start_clock
+                start_clock = time.perf_counter()
+                if self.epoch >= self.tc.epochs:
+                    result = self._finish()
+                    if on_step is not None:
+                        on_step(self.global_step)
+                    return result
+                self.save()
+                _write_metrics(self.run_dir, self.history)
+                if on_step is not None:
+                    on_step(self.global_step)
+                if max_steps is not None and self.global_step >= max_steps:
+                    return self._partial()
+        return self._finish()  # pragma: no cover - the loop returns on its last epoch
+
+    @staticmethod
+    def _row_text(row: Mapping[str, Any]) -> str:
+        parts = [f"epoch {row['epoch']}", f"lr {row['lr']:.3g}"]
+        if row.get("loss") is not None:
+            parts.append(f"loss {row['loss']:.4f}")
+        if row.get("train_acc") is not None:
+            parts.append(f"train acc {row['train_acc']:.4f}")
+        if row.get("val_acc") is not None:
+            parts.append(f"val acc {row['val_acc']:.4f}")
+        if row.get("images_per_s") is not None:
+            parts.append(f"{row['images_per_s']:.1f} img/s")
+        return " | ".join(parts)
+
+    @contextlib.contextmanager
+    def _progress(self, steps: int) -> Iterator[tuple[Any, Any]]:
+        if not self.progress:
+            yield None, None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("[bold]train[/] epoch {task.fields[epoch]}/" + str(self.tc.epochs)),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        with bar:
+            task = bar.add_task("train", total=steps * self.tc.epochs,
+                                completed=self.epoch * steps + self.step_in_epoch,
+                                epoch=self.epoch + 1, loss="-", ips="-")
+            yield bar, task
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def _ensure_final_artifacts(run_dir: Path, state: Mapping[str, Any]) -> None:
+    """After a crash between the final checkpoint and the last files: rewrite them from the checkpoint."""
+    _write_metrics(run_dir, list(state.get("history") or []))
+    if not (run_dir / PROMPTS_FILE).is_file():
+        _write_prompts(run_dir, state["prompts"], dict(state["prompt_meta"]))
+    if not (run_dir / TRAIN_RESULT_FILE).is_file():
+        atomic_write_json(run_dir / TRAIN_RESULT_FILE, state["result"])
+
+
+def train(
+    cfg: Config,
+    manifest_path: str | os.PathLike[str],
+    text_features_path: str | os.PathLike[str] | None,
+    prototypes_path: str | os.PathLike[str] | None,
+    run_dir: str | os.PathLike[str],
+    *,
+    max_steps: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the prompts of ``cfg.model.variant`` and return the run's result (see module docstring).
+
+    Resumes from the newest valid checkpoint in ``run_dir/checkpoints``; a finished run returns its
+    stored result without loading anything else. ``max_steps`` stops (after a checkpoint) once that
+    many optimisation steps are done and returns ``{"completed": False, ...}``; ``on_step(global_step)``
+    is called after each step (and after its checkpoint, if any) — an exception raised there aborts
+    the run as a crash would.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(run_dir / ".train"):
+        inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path)
+        key = training_key(cfg, inputs.input_keys)
+        _prepare_run_dir(run_dir, cfg, key, inputs)
+        ckpt_dir = run_dir / CHECKPOINT_DIR
+        clean_stale_temporaries(ckpt_dir)
+        latest = load_latest_valid(ckpt_dir)
+        state = latest[1] if latest is not None else None
+        if state is not None and state.get("config_key") != key:
+            raise ArtifactError(f"checkpoints in {ckpt_dir} belong to another run (config key differs)")
+        if state is not None and state.get("finished"):
+            _ensure_final_artifacts(run_dir, state)
+            return dict(state["result"])
+        with deterministic_algorithms(resolve_device(cfg).type == "cpu"):
+            trainer = _Trainer(cfg, inputs, run_dir, key, progress)
+            return trainer.run(state, max_steps, on_step)

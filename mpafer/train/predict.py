@@ -1,0 +1,252 @@
+"""Use a trained run: the prompts file, loading a run for inference, and ``predict`` on image files.
+
+``run_dir/prompts.safetensors`` holds the learned prompt tensors only (``MPAFER.prompt_state_dict()``),
+with string metadata: ``classes`` (JSON list), ``variant``, ``clip_model``, ``weights_identity``,
+``clip_pretrained``, ``config_key``. Together with ``run_dir/config.json`` (the resolved config) it is
+all that :func:`predict` needs besides the CLIP weights themselves; the ``zeroshot`` and ``vpt``
+variants, whose classifier is the frozen hard-prompt class targets, also read the text-features file
+recorded in ``run_dir/run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpafer.artifacts import atomic_path
+from mpafer.config import Config, ModelConfig, build_config
+from mpafer.errors import ArtifactError, MpaferError
+
+__all__ = [
+    "LoadedRun",
+    "Prediction",
+    "inference_model_config",
+    "load_prompts",
+    "load_run",
+    "predict",
+    "save_prompts",
+]
+
+PROMPTS_FORMAT = "mpafer-prompts/1"
+
+
+# ------------------------------------------------------------------------------------------ prompts file
+def save_prompts(path: str | os.PathLike[str], prompts: Mapping[str, torch.Tensor],
+                 meta: Mapping[str, Any]) -> Path:
+    """Write the prompt tensors (float32, contiguous, CPU) and ``meta`` atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in prompts.items()}
+    metadata = {"format": PROMPTS_FORMAT}
+    for k, v in meta.items():
+        metadata[k] = v if isinstance(v, str) else json.dumps(v)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_prompts(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The prompt tensors and the metadata (``classes`` decoded to a list) of a prompts file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"prompts file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:
+        raise ArtifactError(f"prompts file {path} is damaged or not safetensors ({exc})") from None
+    if raw_meta.get("format") != PROMPTS_FORMAT:
+        raise ArtifactError(f"{path} is not an mpafer prompts file")
+    meta: dict[str, Any] = dict(raw_meta)
+    try:
+        meta["classes"] = json.loads(raw_meta.get("classes", "[]"))
+    except ValueError:
+        raise ArtifactError(f"prompts file {path} has unreadable class metadata") from None
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------------------------ loading a run
+def inference_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config for inference: the same prompts and scores, training-only losses switched off.
+
+    ``beta = gamma = 0`` turns off the alignment and prototype losses, which only shape training; the
+    forward (text prompts, visual prompts, CGLA) is unchanged, and no hard-prompt features or
+    prototypes are needed unless the variant's classifier is the class targets (``zeroshot``, ``vpt``).
+    """
+    return model_cfg.model_copy(update={"beta": 0.0, "gamma": 0.0})
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference."""
+
+    run_dir: Path
+    cfg: Config
+    classes: list[str]
+    backbone: Any
+    model: nn.Module
+    test_transform: Any
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
+def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
+    """The resolved config saved in ``run_dir/config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ArtifactError(f"not a run directory (no config.json): {run_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"unreadable {path}: {exc}") from None
+    return build_config(data)
+
+
+def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``run_dir/run.json`` (inputs, keys, classes) or ``{}`` when absent."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> LoadedRun:
+    """Rebuild a run's model from ``config.json`` + the CLIP weights + ``prompts.safetensors``.
+
+    Raises :class:`ArtifactError` (one line) when the run directory lacks its files or its prompts do
+    not fit the configured model or CLIP.
+    """
+    from mpafer.data.images import clip_transforms
+    from mpafer.train.loop import build_model, load_backbone_for, resolve_amp, resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run directory not found: {run_dir}")
+    cfg = read_run_config(run_dir)
+    if device is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+    prompts_path = run_dir / "prompts.safetensors"
+    if not prompts_path.is_file():
+        raise ArtifactError(f"run {run_dir} has no prompts.safetensors (training not finished?)")
+    tensors, meta = load_prompts(prompts_path)
+    classes = list(meta.get("classes") or [])
+    if len(classes) < 2:
+        raise ArtifactError(f"{prompts_path} names no classes")
+    info = read_run_info(run_dir)
+
+    dev = resolve_device(cfg)
+    backbone = load_backbone_for(cfg, dev)
+    if meta.get("weights_identity") and str(backbone.identity) != meta["weights_identity"]:
+        raise ArtifactError(
+            f"run {run_dir} was trained on CLIP weights {meta['weights_identity']} but "
+            f"{cfg.clip.model}/{cfg.clip.pretrained} loads {backbone.identity}"
+        )
+    targets = None
+    if not cfg.model.use_text_prompts:  # zeroshot / vpt: the classifier is the hard-prompt class targets
+        tf_path = (info.get("inputs") or {}).get("text_features")
+        if not tf_path or not Path(tf_path).is_file():
+            raise ArtifactError(
+                f"model.variant={cfg.model.variant} classifies with the hard-prompt text features, "
+                f"but the file recorded in {run_dir / 'run.json'} is missing: {tf_path}"
+            )
+        from mpafer.clip.text_features import load_text_features
+
+        targets = load_text_features(tf_path, classes)
+    inf_cfg = cfg.model_copy(update={"model": inference_model_config(cfg.model)})
+    model = build_model(inf_cfg, backbone, classes, targets, None)
+    model.load_prompt_state_dict({k: v.to(dev) for k, v in tensors.items()})  # type: ignore[operator]
+    model.eval()
+    _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None)
+    return LoadedRun(run_dir=run_dir, cfg=cfg, classes=classes, backbone=backbone, model=model,
+                     test_transform=test_tf, device=dev, amp_dtype=resolve_amp(cfg.train, dev), meta=meta,
+                     run_info=info)
+
+
+# ------------------------------------------------------------------------------------------ predict
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k expressions of one image (``top``: ``(class, probability)``, best first) or an error."""
+
+    path: Path
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": str(self.path), "error": self.error}
+        return {"path": str(self.path), "label": self.label,
+                "top": [{"label": c, "probability": p} for c, p in self.top]}
+
+
+def _load_one(path: Path, transform: Any) -> torch.Tensor:
+    from mpafer.data.images import load_image
+
+    if not path.is_file():
+        raise MpaferError(f"cannot read image {path}: no such file")
+    return transform(load_image(path))
+
+
+@torch.no_grad()
+def predict_loaded(run: LoadedRun, images: Sequence[str | os.PathLike[str]], top_k: int = 3,
+                   batch_size: int | None = None) -> list[Prediction]:
+    """:func:`predict` with an already loaded run (the class text features are computed once)."""
+    from mpafer.train.loop import _autocast
+
+    k = max(1, min(int(top_k), len(run.classes)))
+    bs = batch_size or run.cfg.train.eval_batch_size
+    results: dict[int, Prediction] = {}
+    loaded: list[tuple[int, torch.Tensor]] = []
+    paths = [Path(p) for p in images]
+    for i, p in enumerate(paths):
+        try:
+            loaded.append((i, _load_one(p, run.test_transform)))
+        except MpaferError as exc:
+            results[i] = Prediction(path=p, error=exc.message)
+    if loaded:
+        with _autocast(run.device, run.amp_dtype):
+            text_features = run.model.class_text_features()  # type: ignore[operator]
+        for start in range(0, len(loaded), bs):
+            chunk = loaded[start : start + bs]
+            x = torch.stack([t for _, t in chunk]).to(run.device)
+            with _autocast(run.device, run.amp_dtype):
+                out = run.model(x, text_features=text_features)
+            probs = out.logits.float().softmax(dim=-1).cpu()
+            values, idx = probs.topk(k, dim=-1)
+            for row, (i, _) in enumerate(chunk):
+                top = [(run.classes[int(c)], float(v)) for v, c in zip(values[row], idx[row], strict=True)]
+                results[i] = Prediction(path=paths[i], top=top)
+    return [results[i] for i in range(len(paths))]
+
+
+def predict(run_dir: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], top_k: int = 3,
+            *, device: str | None = None, batch_size: int | None = None) -> list[Prediction]:
+    """The ``top_k`` expressions (softmax of the logits) of each image, in input order.
+
+    An unreadable or missing image yields a :class:`Prediction` with ``error`` set (one line) while the
+    others are still predicted. A bad run directory raises :class:`ArtifactError`.
+    """
+    run = load_run(run_dir, device=device)
+    return predict_loaded(run, images, top_k=top_k, batch_size=batch_size)

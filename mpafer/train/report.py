@@ -1,0 +1,336 @@
+"""Evaluation of a trained run and its report: ``summary.json``, confusion/curves PNGs, ``report.md``.
+
+``evaluate(run_dir, manifest_path, split="test")`` rebuilds the run's model from ``config.json`` and
+``prompts.safetensors`` (exactly what ``predict`` uses), computes the class text features once, runs the
+split through the prompted encoder and writes, atomically, into ``run_dir``:
+
+* ``summary.json`` (``summary-<split>.json`` for another split) with at least DESIGN.md's keys
+  ``accuracy, mean_class_accuracy, per_class_accuracy, confusion, classes, n_train, n_test,
+  trainable_params, epochs, config_key, artifacts, timings, throughput_img_s``;
+* ``confusion.png`` and ``curves.png`` (training curves from ``metrics.jsonl``; none for zero-shot);
+* ``report.md``: config summary, metrics table, per-class table, links to the PNGs.
+
+The ``zeroshot`` variant runs through the same code: its "training" stores no prompts and its
+classifier is the hard-prompt class targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, content_key, sha256_file
+from mpafer.errors import DataError
+
+__all__ = [
+    "evaluate",
+    "plot_confusion",
+    "plot_curves",
+    "read_metrics",
+    "render_report",
+    "summary_name",
+]
+
+#: Keys every summary.json carries (DESIGN.md).
+SUMMARY_KEYS = (
+    "accuracy",
+    "mean_class_accuracy",
+    "per_class_accuracy",
+    "confusion",
+    "classes",
+    "n_train",
+    "n_test",
+    "trainable_params",
+    "epochs",
+    "config_key",
+    "artifacts",
+    "timings",
+    "throughput_img_s",
+)
+
+
+def summary_name(split: str) -> str:
+    return "summary.json" if split == "test" else f"summary-{split}.json"
+
+
+def _suffix(split: str) -> str:
+    return "" if split == "test" else f"-{split}"
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-epoch rows of ``run_dir/metrics.jsonl`` (empty when absent)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str],
+                   title: str = "confusion matrix") -> Path:
+    """Confusion matrix PNG: colour = row-normalised rate, text = count (rows = true class)."""
+    plt = _pyplot()
+    n = len(classes)
+    rates = []
+    for row in confusion:
+        total = sum(row)
+        rates.append([v / total if total else 0.0 for v in row])
+    size = max(4.0, 0.7 * n + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(confusion[i][j]), ha="center", va="center",
+                    color="white" if rates[i][j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Loss (total and parts), train/val accuracy and learning rate per epoch; ``None`` without rows."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss_")})
+    for key in loss_keys:
+        ax_loss.plot(epochs, [r.get(key) for r in rows], label=key, linewidth=2 if key == "loss" else 1)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss")
+    ax_loss.legend(fontsize=8)
+    for key, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_mean_class_acc", "val mean-class")):
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            ax_acc.plot(epochs, values, label=label, marker="o", markersize=2)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0.0, 1.0)
+    ax_acc.set_title("accuracy (val: monitoring only)")
+    lr_ax = ax_acc.twinx()
+    lr_ax.plot(epochs, [r.get("lr") for r in rows], color="grey", linestyle="--", linewidth=1, label="lr")
+    lr_ax.set_ylabel("learning rate", color="grey")
+    ax_acc.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100.0 * v:.2f}"
+
+
+def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> str:
+    """``report.md`` text for one evaluated run."""
+    model = cfg_dump.get("model", {})
+    tr = cfg_dump.get("train", {})
+    clip = cfg_dump.get("clip", {})
+    data = cfg_dump.get("data", {})
+    arts = summary.get("artifacts", {})
+    lines = [
+        f"# MPA-FER run report — {summary.get('variant')} on {data.get('dataset')} ({summary.get('split')} split)",
+        "",
+        "## Configuration",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| CLIP | {clip.get('model')} / {clip.get('pretrained')} ({clip.get('precision')}) |",
+        f"| variant | {model.get('variant')} (n_ctx {model.get('n_ctx')}, visual tokens {model.get('n_visual_tokens')}, "
+        f"top-k {model.get('topk')}) |",
+        f"| epochs / batch / lr | {tr.get('epochs')} / {tr.get('batch_size')} / {tr.get('lr')} "
+        f"(scaling {tr.get('lr_scaling')}) |",
+        f"| optimiser | SGD momentum {tr.get('momentum')}, weight decay {tr.get('weight_decay')}, "
+        f"warm-up {tr.get('warmup_epochs')} epoch(s) at {tr.get('warmup_lr')}, cosine |",
+        f"| sampler / augmentation | {tr.get('sampler')} / {'on' if tr.get('augment') else 'off'} |",
+        f"| seed | {tr.get('seed')} |",
+        f"| trainable parameters | {summary.get('trainable_params'):,} |",
+        f"| images | train {summary.get('n_train')}, evaluated {summary.get('n_test')} |",
+        f"| config key | `{str(summary.get('config_key'))[:16]}` |",
+        "",
+        "## Metrics (last epoch; the test split was never used for selection)",
+        "",
+        "| metric | value (%) |",
+        "|---|---|",
+        f"| overall accuracy | {_pct(summary.get('accuracy'))} |",
+        f"| mean-class accuracy | {_pct(summary.get('mean_class_accuracy'))} |",
+    ]
+    final = summary.get("final_train") or {}
+    if final.get("train_acc") is not None:
+        lines.append(f"| final train accuracy | {_pct(final.get('train_acc'))} |")
+    if final.get("val_acc") is not None:
+        lines.append(f"| final val accuracy (monitoring) | {_pct(final.get('val_acc'))} |")
+    if summary.get("throughput_img_s") is not None:
+        lines.append(f"| throughput ({summary.get('throughput_kind', 'train')}, images/s) | "
+                     f"{summary['throughput_img_s']:.1f} |")
+    lines += ["", "## Per-class accuracy", "", "| class | accuracy (%) | images |", "|---|---|---|"]
+    confusion = summary.get("confusion") or []
+    for i, cls in enumerate(summary.get("classes", [])):
+        count = sum(confusion[i]) if i < len(confusion) else 0
+        lines.append(f"| {cls} | {_pct(summary['per_class_accuracy'].get(cls))} | {count} |")
+    timings = summary.get("timings") or {}
+    if timings:
+        lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {float(v):.2f} |" for k, v in timings.items() if v is not None]
+    lines += ["", "## Figures", ""]
+    if arts.get("confusion_png"):
+        lines.append(f"![confusion matrix]({Path(arts['confusion_png']).name})")
+    if arts.get("curves_png"):
+        lines.append(f"![training curves]({Path(arts['curves_png']).name})")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _train_result(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "train.json"
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    from mpafer.train.checkpoint import load_latest_valid
+
+    found = load_latest_valid(run_dir / "checkpoints")
+    if found is not None and found[1].get("finished"):
+        return dict(found[1]["result"])
+    from mpafer.errors import ArtifactError
+
+    raise ArtifactError(f"run {run_dir} has not finished training (no train.json nor final checkpoint)")
+
+
+def _merge_timings(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(base)
+    out.update(dict(extra or {}))
+    return out
+
+
+def evaluate(
+    run_dir: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    split: str = "test",
+    *,
+    timings: Mapping[str, float] | None = None,
+    device: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a finished run on ``split`` of a manifest and write the summary, PNGs and report.
+
+    ``timings`` (seconds per pipeline stage) are merged into the summary's ``timings``. An earlier
+    evaluation with the same run, prompts, manifest and split is reused unless ``force``.
+    """
+    from mpafer.data.manifest import load_manifest
+    from mpafer.train.loop import eval_loader, run_inference
+    from mpafer.train.metrics import classification_metrics
+    from mpafer.train.predict import load_run, read_run_config, read_run_info
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    train_res = _train_result(run_dir)
+    manifest = load_manifest(manifest_path)
+    prompts_path = run_dir / "prompts.safetensors"
+    eval_key = content_key("evaluate", train_res.get("config_key"), sha256_file(prompts_path) if prompts_path.is_file()
+                           else None, str(manifest.key), split)
+    sfx = _suffix(split)
+    summary_path = run_dir / summary_name(split)
+    if not force and summary_path.is_file():
+        try:
+            cached = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        arts = cached.get("artifacts", {})
+        if cached.get("eval_key") == eval_key and all(
+            Path(p).is_file() for k, p in arts.items() if k in ("confusion_png", "report") and p
+        ):
+            if timings:
+                cached["timings"] = _merge_timings(cached.get("timings", {}), timings)
+                atomic_write_json(summary_path, cached)
+            return cached
+
+    items = manifest.items(split)
+    if not items:
+        raise DataError(f"manifest {manifest_path} has no '{split}' images")
+    run = load_run(run_dir, device=device)
+    if list(manifest.classes) != run.classes:
+        raise DataError(f"manifest classes {list(manifest.classes)} differ from the run's classes {run.classes}")
+    loader = eval_loader(manifest, split, run.test_transform, run.cfg, run.device)
+    _, labels, preds, infer_s = run_inference(run.model, loader, run.device, run.amp_dtype)
+    m = classification_metrics(preds, labels, run.classes)
+    eval_tput = m["n"] / infer_s if infer_s > 0 else None
+
+    rows = read_metrics(run_dir)
+    confusion_png = plot_confusion(m["confusion"], run.classes, run_dir / f"confusion{sfx}.png",
+                                   title=f"{cfg.model.variant} — {split} ({m['n']} images)")
+    curves_png = plot_curves(rows, run_dir / "curves.png") if rows else None
+    info = read_run_info(run_dir)
+    train_tput = train_res.get("throughput_img_s")
+    artifacts = {
+        "run_dir": str(run_dir.resolve()),
+        "summary": str(summary_path.resolve()),
+        "report": str((run_dir / f"report{sfx}.md").resolve()),
+        "confusion_png": str(confusion_png.resolve()),
+        "curves_png": str(curves_png.resolve()) if curves_png else None,
+        "prompts": str(prompts_path.resolve()),
+        "config": str((run_dir / "config.json").resolve()),
+        "metrics": str((run_dir / "metrics.jsonl").resolve()) if rows else None,
+        "checkpoints": str((run_dir / "checkpoints").resolve()),
+        "manifest": str(Path(manifest_path).resolve()),
+    }
+    summary: dict[str, Any] = {
+        "split": split,
+        "accuracy": m["accuracy"],
+        "mean_class_accuracy": m["mean_class_accuracy"],
+        "per_class_accuracy": m["per_class_accuracy"],
+        "confusion": m["confusion"],
+        "classes": run.classes,
+        "n_train": int(train_res.get("n_train", info.get("n_train", 0))),
+        "n_val": int(train_res.get("n_val", info.get("n_val", 0))),
+        "n_test": m["n"],
+        "trainable_params": int(train_res.get("trainable_params", 0)),
+        "epochs": int(train_res.get("epochs", 0)),
+        "config_key": train_res.get("config_key"),
+        "eval_key": eval_key,
+        "variant": cfg.model.variant,
+        "seed": cfg.train.seed,
+        "clip": {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained,
+                 "weights_identity": run.meta.get("weights_identity")},
+        "manifest_key": str(manifest.key),
+        "train_manifest_key": (info.get("input_keys") or {}).get("manifest"),
+        "final_train": train_res.get("final", {}),
+        "throughput_img_s": train_tput if train_tput is not None else (round(eval_tput, 2) if eval_tput else None),
+        "throughput_kind": "train" if train_tput is not None else "eval",
+        "eval_throughput_img_s": round(eval_tput, 2) if eval_tput else None,
+        "device": str(run.device),
+        "artifacts": artifacts,
+    }
+    base_timings = dict(train_res.get("timings") or {})
+    base_timings["evaluate"] = round(time.perf_counter() - t_start, 4)
+    summary["timings"] = _merge_timings(base_timings, timings)
+    atomic_write_text(run_dir / f"report{sfx}.md", render_report(summary, cfg.model_dump(mode="json")))
+    atomic_write_json(summary_path, summary)
+    return summary
