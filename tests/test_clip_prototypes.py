@@ -163,3 +163,18 @@ def test_cli_embed_and_zeroshot(manifest: Path, tmp_path: Path, capsys: pytest.C
                "--set", f"clip.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: CLIP weights missing: model ViT-B-16, tag openai")
+
+
+def test_uint8_transfer_equals_the_float_test_transform(backbone: Backbone, manifest: Path) -> None:
+    """Workers ship uint8 crops; finishing them on the device reproduces the test transform exactly."""
+    from mpafer.clip.prototypes import normalize_on_device, test_transform, uint8_test_transform
+
+    u8, ref = uint8_test_transform(backbone), test_transform(backbone)
+    assert u8 is not None
+    for path, _ in load_manifest(manifest).items("train")[:3]:  # includes a grey image
+        with Image.open(path) as im:
+            im.load()
+            crop = u8(im)
+            want = ref(im)
+        assert crop.dtype == torch.uint8
+        assert torch.equal(normalize_on_device(crop.unsqueeze(0), backbone)[0], want)

@@ -114,7 +114,7 @@ def bench_prototypes(
     from PIL import Image
 
     from mpafer.clip.backbone import load_backbone
-    from mpafer.clip.prototypes import class_means, resolve_amp, test_transform
+    from mpafer.clip.prototypes import class_means, resolve_amp, test_transform, uint8_test_transform
     from mpafer.config import ClipConfig
     from mpafer.data.images import ManifestDataset
 
@@ -134,7 +134,8 @@ def bench_prototypes(
             path = root / f"{i:06d}.png"
             Image.fromarray(rng.integers(0, 256, (source_size, source_size, 3), dtype=np.uint8)).save(path)
             items.append((path, i % len(classes)))
-        dataset = ManifestDataset(_ImageList(root, classes, items), "train", test_transform(backbone))
+        transform = uint8_test_transform(backbone) or test_transform(backbone)
+        dataset = ManifestDataset(_ImageList(root, classes, items), "train", transform)
         warm = torch.utils.data.Subset(dataset, list(range(min(batch_size, images))))
         class_means(backbone, warm, len(classes), batch_size=batch_size, num_workers=0, amp=amp)
         if backbone.device.type == "cuda":

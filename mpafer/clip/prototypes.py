@@ -66,6 +66,35 @@ def test_transform(backbone: Backbone) -> Any:
     return clip_transforms(backbone.image_size, backbone.mean, backbone.std)[1]
 
 
+def uint8_test_transform(backbone: Backbone) -> Any | None:
+    """The test transform up to its ``ToTensor + Normalize`` tail, ending in ``PILToTensor`` (uint8).
+
+    Workers then ship uint8 crops (a quarter of the bytes) and :func:`normalize_on_device` finishes on the
+    device with the same operations (``/255``, ``-mean``, ``/std``), so the result equals the test
+    transform exactly. ``None`` when the test transform does not end in ``ToTensor, Normalize``.
+    """
+    from torchvision import transforms as T
+
+    tf = test_transform(backbone)
+    steps = list(getattr(tf, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    norm = steps[-1]
+    if [float(v) for v in norm.mean] != list(backbone.mean) or [float(v) for v in norm.std] != list(backbone.std):
+        return None
+    return T.Compose([*steps[:-2], T.PILToTensor()])
+
+
+def normalize_on_device(images: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    """Finish a uint8 batch on the device exactly as ``ToTensor + Normalize`` would; float batches pass."""
+    if images.dtype != torch.uint8:
+        return images
+    x = images.to(backbone.device, non_blocking=True).to(torch.float32).div(255)
+    mean = torch.as_tensor(backbone.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(backbone.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
 def face_crop_mode(manifest: Any) -> str:
     """``box`` when the manifest asks for AffectNet face-box crops and carries the boxes, else ``none``."""
     meta = getattr(manifest, "meta", {}) or {}
@@ -73,10 +102,15 @@ def face_crop_mode(manifest: Any) -> str:
 
 
 def manifest_dataset(manifest: Any, split: str, backbone: Backbone) -> Dataset[Any]:
-    """``mpafer.data.images.ManifestDataset`` of ``split`` with the test transform (and face crops if asked)."""
+    """``mpafer.data.images.ManifestDataset`` of ``split`` with the test transform (and face crops if asked).
+
+    The items are uint8 crops (see :func:`uint8_test_transform`) that :func:`iter_image_features` normalises
+    on the device; the float test transform is used if it cannot be split that way.
+    """
     from mpafer.data.images import ManifestDataset
 
-    return ManifestDataset(manifest, split, test_transform(backbone), affectnet_crop=face_crop_mode(manifest))
+    tf = uint8_test_transform(backbone) or test_transform(backbone)
+    return ManifestDataset(manifest, split, tf, affectnet_crop=face_crop_mode(manifest))
 
 
 def image_loader(dataset: Dataset[Any], backbone: Backbone, batch_size: int, num_workers: int) -> DataLoader[Any]:
@@ -101,7 +135,10 @@ def iter_image_features(
     progress: bool = False,
     description: str = "image features",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(normalised fp32 features [B, D] on the device, labels [B] on the device)`` per batch."""
+    """Yield ``(normalised fp32 features [B, D] on the device, labels [B] on the device)`` per batch.
+
+    Batches may be preprocessed floats or uint8 crops (finished by :func:`normalize_on_device`).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mpafer.cli.common import console
@@ -113,6 +150,7 @@ def iter_image_features(
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=total)
         for images, labels in loader:
+            images = normalize_on_device(images, backbone)
             with _autocast(amp, backbone.device):
                 feats = backbone.encode_image(images)
             yield feats, torch.as_tensor(labels).to(backbone.device, non_blocking=True)
