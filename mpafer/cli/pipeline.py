@@ -1,5 +1,144 @@
-"""CLI commands: pipeline."""
+"""CLI commands: pipeline (``mpafer demo``, ``mpafer run``, ``mpafer serve``).
+
+The Prefect flows (``flows/``) are imported inside the commands, so ``mpafer`` stays importable
+without Prefect; ``--no-prefect`` runs :func:`mpafer.pipeline.run_pipeline` (same stages, same caches).
+"""
 
 from __future__ import annotations
 
-from mpafer.cli.app import app, bench_app  # noqa: F401
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mpafer.cli.app import app
+from mpafer.cli.common import config_from_options, console, out
+from mpafer.config import Config
+from mpafer.pipeline import STAGES
+
+_SETS = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable).")]
+_VERBOSE = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's INFO logs.")]
+_NO_PREFECT = Annotated[
+    bool, typer.Option("--no-prefect", help="Run the stages in this process without Prefect (same caches).")
+]
+
+
+def _prefect_env(verbose: bool) -> None:
+    """Quiet Prefect (WARNING) unless ``--verbose``; give its ephemeral server time to start on busy machines.
+
+    Must run before Prefect is imported; settings the user exported win.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None) -> dict[str, Any]:
+    if refresh:
+        bad = [s for s in refresh if s not in STAGES]
+        if bad:
+            from mpafer.errors import ConfigError
+
+            raise ConfigError(f"unknown stage(s) for --refresh: {', '.join(bad)}; stages: {', '.join(STAGES)}")
+        cfg = cfg.model_copy(
+            update={"pipeline": cfg.pipeline.model_copy(update={"refresh": sorted(set(cfg.pipeline.refresh) | set(refresh))})}
+        )
+    if no_prefect:
+        from mpafer.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
+    _prefect_env(verbose)
+    from flows.pipeline import mpa_fer_pipeline
+
+    return mpa_fer_pipeline(config=cfg)
+
+
+def _report(summary: dict[str, Any]) -> None:
+    def pct(x: Any) -> str:
+        return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "n/a"
+
+    out.print(f"summary:  {summary.get('summary_path')}", highlight=False, soft_wrap=True)
+    out.print(f"report:   {summary.get('report_path')}", highlight=False, soft_wrap=True)
+    out.print(
+        f"accuracy: {pct(summary.get('accuracy'))} (mean-class {pct(summary.get('mean_class_accuracy'))})",
+        highlight=False, soft_wrap=True,
+    )
+    executed = ", ".join(summary.get("executed") or []) or "nothing"
+    cached = ", ".join(summary.get("cached") or []) or "nothing"
+    out.print(f"stages:   computed {executed}; cached {cached} ({summary.get('total_seconds')} s)",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    sets: _SETS = None,
+    project_dir: Annotated[
+        Path | None, typer.Option("--project-dir", help="Project folder (default: mpafer_work/demo).")
+    ] = None,
+    verbose: _VERBOSE = False,
+    no_prefect: _NO_PREFECT = False,
+) -> None:
+    """Run the whole pipeline on the embedded demo: CPU only, no network, a few minutes.
+
+    The demo (configs/demo.yaml) uses synthetic faces, a tiny CLIP and the curated descriptions; a rerun
+    reuses every artifact. Runs the mpa-fer-pipeline flow in Prefect's ephemeral mode (or against PREFECT_API_URL when set) and
+    prints where summary.json and report.md are, and the accuracy.
+    """
+    cfg = config_from_options(None, sets, demo=True)
+    if project_dir is not None:
+        cfg.pipeline.project_dir = project_dir
+    _report(_run(cfg, verbose, no_prefect))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", help="YAML config file (or a name under configs/).")],
+    sets: _SETS = None,
+    refresh: Annotated[
+        list[str] | None,
+        typer.Option("--refresh", help=f"Recompute this stage even when cached (repeatable): {', '.join(STAGES)}."),
+    ] = None,
+    verbose: _VERBOSE = False,
+    no_prefect: _NO_PREFECT = False,
+) -> None:
+    """Run the whole pipeline for a configuration; unchanged stages are reused.
+
+    Example: mpafer run --config configs/rafdb_vitb16.yaml --set data.root=/data/RAF-DB
+    """
+    cfg = config_from_options(config, sets)
+    _report(_run(cfg, verbose, no_prefect, refresh))
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config for the named and retrain deployments.")
+    ] = None,
+    sets: _SETS = None,
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Cron schedule of the retrain deployment (default: pipeline.schedule_cron).")
+    ] = None,
+    no_stages: Annotated[bool, typer.Option("--no-stages", help="Serve the pipeline flow only.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Flow runs at the same time.")] = 1,
+) -> None:
+    """Serve the pipeline and stage flows as Prefect deployments (until interrupted).
+
+    Deployments: mpa-fer-pipeline/demo; for --config (or the demo) mpa-fer-pipeline/<name>, the scheduled
+    mpa-fer-pipeline/retrain and mpa-fer-<stage>/<name> per stage flow.
+
+    Start a server first (``prefect server start``) and export PREFECT_API_URL; then trigger runs with
+    ``prefect deployment run 'mpa-fer-pipeline/demo' --watch``.
+    """
+    # Validate before Prefect starts anything: a bad config fails with one line naming the field.
+    config_from_options(config, sets, demo=config is None)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        console.print(
+            "[yellow]warning:[/] PREFECT_API_URL is not set: serving against a temporary local server that nothing "
+            "else can reach. Start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    from flows.deployments import serve_deployments
+
+    serve_deployments(str(config) if config else None, list(sets or []), cron, not no_stages, limit)

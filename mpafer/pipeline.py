@@ -1,0 +1,820 @@
+"""The pipeline's stages as idempotent, content-keyed plain functions (no Prefect here).
+
+```
+stage 1 (data & knowledge)                                   stage 2 (learning)
+ dataset ─► manifest ───────────────────────────────┐
+ LLM / cached JSON ─► describe ─► text_features ─────┼─► train ─► evaluate
+ frozen CLIP + manifest ─► prototypes ──────────────┘
+```
+
+Every stage comes as a pair:
+
+``plan_<stage>(cfg, ...) -> StagePlan``
+    Cheap (no model loading, no training): the stage's *content key* — a sha256 over its inputs'
+    content keys, the config fields that matter and :data:`~mpafer.artifacts.PIPELINE_VERSION` — the
+    file whose validity means "done", and the validity check itself. ``flows/cache.py`` builds
+    Prefect's cache keys from these plans, so Prefect and this module agree on what "unchanged" means.
+``stage_<stage>(cfg, ..., refresh=False) -> StageResult``
+    Computes the plan first and returns at once (``cached=True``) when the output exists and is valid;
+    otherwise does the work under an inter-process file lock (so two pipelines on one project folder
+    write each artifact once) and writes the output atomically. ``refresh=True`` forces the work.
+
+Artifacts live under ``cfg.pipeline.project_dir``::
+
+    synthetic/<key12>/                 generated demo faces (when data.root is unset)
+    <data.manifest_dir>/               manifests + index-<step16>.json (source fingerprint → manifest)
+    descriptions/                      LLM-generated descriptions + describe-<key16>.json records
+    features/text-<key16>.parquet      hard-prompt text features
+    features/prototypes-<key16>.parquet
+    runs/<name>-<key12>/               training run (checkpoints, prompts, summary.json, report.md, PNGs)
+    pipeline_runs/                     one JSON summary per pipeline run (timings, keys, cached flags)
+
+:func:`run_pipeline` calls the stages in order; it is the reference behaviour the Prefect flows mirror.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mpafer.artifacts import (
+    atomic_write_json,
+    content_key,
+    file_lock,
+    is_valid_parquet,
+    parquet_metadata,
+    sha256_file,
+)
+from mpafer.config import Config
+from mpafer.errors import ArtifactError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+StageName = Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]
+#: The stages in execution order.
+STAGES: tuple[StageName, ...] = ("manifest", "describe", "text_features", "prototypes", "train", "evaluate")
+
+#: Train-config fields that do not change what is learned (left out of the train key).
+TRAIN_KEY_EXCLUDE = frozenset(
+    {
+        "device",
+        "num_workers",
+        "log_every_steps",
+        "eval_batch_size",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "image_cache",
+        "compile",
+    }
+)
+#: Data-config fields that do not change the manifest's content (left out of the source fingerprint).
+DATA_FINGERPRINT_EXCLUDE = frozenset({"hash_workers", "manifest_dir", "png_cache", "synthetic"})
+#: Folders inside a dataset root that the pipeline itself writes (never part of the fingerprint).
+GENERATED_DIRS = frozenset({"_png_cache"})
+
+_MANIFEST_COLUMNS = ("path", "label", "split", "sha256")
+
+
+# ------------------------------------------------------------------------------------------ results
+class StageResult(BaseModel):
+    """What a stage produced: where, under which content key, whether it was reused, how long it took.
+
+    Plain data (paths, keys, numbers): this is what Prefect tasks pass between each other and persist.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: StageName
+    #: The stage's output (manifest Parquet, descriptions JSON, features Parquet, run folder, summary.json).
+    path: Path
+    #: The output's content key (for the manifest: the manifest's own key, over file hashes and labels).
+    key: str
+    #: True when the output already existed and was valid, so no work was done.
+    cached: bool
+    seconds: float
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's identity before any work: its step key, the file that records completion, its check."""
+
+    stage: StageName
+    #: The key that identifies the work (Prefect's cache key is derived from it).
+    key: str
+    #: The file whose validity means the stage is done (artifact or completion record).
+    path: Path
+    _check: Callable[[], bool]
+
+    def is_done(self) -> bool:
+        """True when the output exists and passes its validity check (never raises)."""
+        try:
+            return bool(self._check())
+        except Exception:  # a damaged record is simply "not done"
+            return False
+
+
+# ------------------------------------------------------------------------------------------ folders
+def project_dir(cfg: Config) -> Path:
+    """The project folder, absolute."""
+    return Path(os.path.expanduser(str(cfg.pipeline.project_dir))).resolve()
+
+
+def _abs(cfg: Config, p: Path) -> Path:
+    q = Path(os.path.expanduser(str(p)))
+    return q.resolve() if q.is_absolute() else (project_dir(cfg) / q).resolve()
+
+
+def manifest_dir(cfg: Config) -> Path:
+    """Where manifests and their index records go (``data.manifest_dir``, relative to the project)."""
+    return _abs(cfg, cfg.data.manifest_dir)
+
+
+def features_dir(cfg: Config) -> Path:
+    return project_dir(cfg) / "features"
+
+
+def descriptions_dir(cfg: Config) -> Path:
+    return project_dir(cfg) / "descriptions"
+
+
+def runs_dir(cfg: Config) -> Path:
+    return project_dir(cfg) / "runs"
+
+
+def _stage_lock(cfg: Config, stage: str, key: str) -> contextlib.AbstractContextManager[None]:
+    return file_lock(project_dir(cfg) / ".locks" / f"{stage}-{key[:16]}")
+
+
+def run_name(cfg: Config) -> str:
+    """``pipeline.name`` or ``<dataset>-<clip model>-<variant>``, made safe for a folder name."""
+    raw = cfg.pipeline.name or f"{cfg.data.dataset}-{cfg.clip.model}-{cfg.model.variant}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", raw).strip("-.") or "run"
+
+
+# ------------------------------------------------------------------------------------------ dataset
+def synthetic_root(cfg: Config) -> Path:
+    """Generate (or reuse) the synthetic faces of ``data.synthetic`` under ``<project>/synthetic/<key12>/``."""
+    from mpafer.data.synthetic import generate_dataset
+
+    s = cfg.data.synthetic
+    key = content_key("synthetic", s.model_dump(mode="json"))
+    root = project_dir(cfg) / "synthetic" / key[:12]
+    return generate_dataset(
+        root, s.classes, s.train_per_class, s.val_per_class, s.test_per_class, s.image_size, s.seed
+    )
+
+
+def prepare_config(cfg: Config) -> Config:
+    """The config the stages run on: absolute project folder and dataset root (synthetic faces generated
+    when ``data.dataset == "folder"`` and ``data.root`` is unset)."""
+    pipeline = cfg.pipeline.model_copy(update={"project_dir": project_dir(cfg)})
+    cfg = cfg.model_copy(update={"pipeline": pipeline})
+    root = cfg.data.root
+    if root is None and cfg.data.dataset == "folder":
+        root = synthetic_root(cfg)
+    if root is None:
+        raise ConfigError(f"data.root is not set (dataset {cfg.data.dataset} needs its folder)")
+    root = Path(os.path.expanduser(str(root))).resolve()
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root})})
+
+
+def _skipped_dirs(cfg: Config, root: Path) -> set[Path]:
+    skip = {root / d for d in GENERATED_DIRS}
+    if cfg.data.png_cache is not None:
+        skip.add(Path(os.path.expanduser(str(cfg.data.png_cache))).resolve())
+    with contextlib.suppress(OSError):
+        skip.add(manifest_dir(cfg))
+        skip.add(project_dir(cfg))
+    return skip
+
+
+def _listed_files(csv_path: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image a ``path,...`` CSV list names (missing files: -1, -1)."""
+    import csv
+
+    out: list[tuple[str, int, int]] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        column = next((c for c in (reader.fieldnames or []) if c.strip().lower() == "path"), None)
+        if column is None:
+            return out
+        for row in reader:
+            text = (row.get(column) or "").strip()
+            if not text:
+                continue
+            p = Path(os.path.expanduser(text))
+            p = p if p.is_absolute() else csv_path.parent / p
+            try:
+                st = p.stat()
+                out.append((text, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((text, -1, -1))
+    return out
+
+
+def source_fingerprint(cfg: Config) -> str:
+    """A cheap fingerprint of the dataset: sorted (relative path, size, mtime_ns) of its files plus the
+    data options. Unchanged fingerprint ⇒ the manifest step is skipped; changed ⇒ the manifest is rebuilt
+    (and downstream steps re-run only if the manifest's own content key changed).
+
+    Hidden files and folders the pipeline writes itself (PNG caches, the project folder) are ignored.
+    """
+    if cfg.data.root is None:
+        raise ConfigError(f"data.root is not set (dataset {cfg.data.dataset} needs its folder)")
+    root = Path(os.path.expanduser(str(cfg.data.root))).resolve()
+    entries: list[tuple[str, int, int]] = []
+    if root.is_file():  # a CSV list (dataset csv): the file itself and every image it names
+        st = root.stat()
+        entries.append((root.name, st.st_size, st.st_mtime_ns))
+        entries += _listed_files(root)
+    elif root.is_dir():
+        skip = _skipped_dirs(cfg, root)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d) not in skip)
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                try:
+                    st = (here / name).stat()
+                except FileNotFoundError:  # vanished while walking
+                    continue
+                entries.append(((here / name).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    else:
+        raise DataError(f"dataset folder not found: {root} (data.root)")
+    entries.sort()
+    options = cfg.data.model_dump(mode="json", exclude=set(DATA_FINGERPRINT_EXCLUDE) | {"root"})
+    return content_key("source", str(root), options, entries)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _result(plan: StagePlan, path: Path, key: str, cached: bool, t0: float, **info: Any) -> StageResult:
+    return StageResult(
+        stage=plan.stage, path=path, key=key, cached=cached, seconds=round(time.perf_counter() - t0, 4), info=info
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ArtifactError(f"record {path} is not a JSON object")
+    return data
+
+
+def _jsonable(obj: Any) -> Any:
+    """A JSON-safe copy (paths and unknown objects become strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+@contextlib.contextmanager
+def _scratch_dir(final_dir: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder inside ``final_dir`` (same file system, so ``os.replace`` is atomic)."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{prefix}-", dir=final_dir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(produced: Path, final: Path) -> Path:
+    """Rename a file a builder wrote in a scratch folder to its content-keyed name."""
+    produced = Path(produced)
+    if not produced.is_file():
+        raise ArtifactError(f"builder reported {produced}, which is not a file")
+    os.replace(produced, final)
+    return final
+
+
+_BACKBONES: dict[str, Any] = {}
+_BACKBONE_LOCK = threading.Lock()
+
+
+def _backbone(cfg: Config) -> Any:
+    """Load the frozen CLIP backbone once per process for the text-feature and prototype stages."""
+    from mpafer.clip import load_backbone
+
+    k = json.dumps(cfg.clip.model_dump(mode="json"), sort_keys=True)
+    with _BACKBONE_LOCK:
+        if k not in _BACKBONES:
+            _BACKBONES.clear()
+            _BACKBONES[k] = load_backbone(cfg.clip)
+        return _BACKBONES[k]
+
+
+def release_backbones() -> None:
+    """Drop the cached backbone (before training loads its own copy)."""
+    with _BACKBONE_LOCK:
+        _BACKBONES.clear()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def clip_identity(cfg: Config) -> str:
+    """The CLIP weights' identity without loading the model: ``random``, ``sha256:<hex>`` of a weights
+    file (package tags, file paths, ``local-dir:`` folders) or ``tag:<name>`` for a downloadable tag."""
+    from mpafer.clip.backbone import WEIGHTS_DIR, weights_sha256
+
+    model = cfg.clip.model.strip()
+    pretrained = cfg.clip.pretrained.strip()
+    for text in (model, pretrained):
+        if text.startswith("local-dir:"):
+            folder = Path(os.path.expanduser(text[len("local-dir:"):])).resolve()
+            files = sorted(
+                f for f in folder.glob("*") if f.is_file() and (f.suffix in (".safetensors", ".bin", ".pth", ".pt")
+                                                               or f.name == "open_clip_config.json")
+            )
+            if not files:
+                raise ConfigError(f"local-dir folder {folder} holds no weights (clip.pretrained / clip.model)")
+            return "sha256:" + content_key([(f.name, weights_sha256(f)) for f in files])
+    if pretrained.lower() in ("", "none"):
+        return "random"
+    package_file = WEIGHTS_DIR / f"{model}-{pretrained}.safetensors"
+    if package_file.is_file():
+        return f"sha256:{weights_sha256(package_file)}"
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        return f"sha256:{weights_sha256(path)}"
+    return f"tag:{pretrained}"
+
+
+def _clip_fields(cfg: Config) -> dict[str, str]:
+    return {"model": cfg.clip.model, "identity": clip_identity(cfg), "precision": cfg.clip.precision}
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def _manifest_record(index: Path) -> dict[str, Any]:
+    """The index record and the manifest it points at, verified (raises when anything is off)."""
+    rec = _read_json(index)
+    path = Path(rec["path"])
+    if not is_valid_parquet(path, _MANIFEST_COLUMNS):
+        raise ArtifactError(f"manifest {path} is missing or damaged")
+    if parquet_metadata(path).get("key") != rec["key"]:
+        raise ArtifactError(f"manifest {path} does not carry key {rec['key']}")
+    return rec
+
+
+def plan_manifest(cfg: Config) -> StagePlan:
+    """Step key = the source fingerprint; done when its index record points at a valid manifest."""
+    step_key = content_key("manifest-step", source_fingerprint(cfg))
+    index = manifest_dir(cfg) / f"index-{step_key[:16]}.json"
+    return StagePlan("manifest", step_key, index, lambda: bool(_manifest_record(index)))
+
+
+def _manifest_stage_result(plan: StagePlan, rec: dict[str, Any], cached: bool, t0: float) -> StageResult:
+    return _result(
+        plan,
+        Path(rec["path"]),
+        rec["key"],
+        cached,
+        t0,
+        step_key=plan.key,
+        classes=list(rec["classes"]),
+        dataset=rec["dataset"],
+        n_rows=rec["n_rows"],
+        split_counts=rec["split_counts"],
+        n_quarantined=rec.get("n_quarantined", 0),
+    )
+
+
+def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
+    """Build (or reuse) the dataset's manifest. ``cfg`` must be prepared (:func:`prepare_config`)."""
+    t0 = time.perf_counter()
+    plan = plan_manifest(cfg)
+    if not refresh and plan.is_done():
+        return _manifest_stage_result(plan, _manifest_record(plan.path), True, t0)
+    with _stage_lock(cfg, "manifest", plan.key):
+        if not refresh and plan.is_done():
+            return _manifest_stage_result(plan, _manifest_record(plan.path), True, t0)
+        from mpafer.data.manifest import build_manifest
+
+        res = build_manifest(cfg.data, manifest_dir(cfg), progress=False)
+        meta = parquet_metadata(res.path)
+        rec = {
+            "step_key": plan.key,
+            "key": res.key,
+            "path": str(Path(res.path).resolve()),
+            "classes": list(getattr(res, "classes", None) or meta["classes"]),
+            "dataset": getattr(res, "dataset", None) or meta.get("dataset", cfg.data.dataset),
+            "n_rows": int(res.n_rows),
+            "split_counts": dict(res.split_counts),
+            "n_quarantined": int(res.n_quarantined),
+        }
+        atomic_write_json(plan.path, rec)
+    return _manifest_stage_result(plan, rec, False, t0)
+
+
+# ------------------------------------------------------------------------------------------ describe
+def _describe_identity(cfg: Config) -> dict[str, Any]:
+    from mpafer.describe.client import effective_base_url, server_host
+    from mpafer.describe.generate import questions_of, resolve_descriptions_file
+
+    llm = cfg.llm
+    if llm.model == "cached":
+        src = resolve_descriptions_file(llm.descriptions_file)
+        if not src.is_file():
+            raise ConfigError(f"descriptions file not found: {src} (llm.descriptions_file)")
+        return {"mode": "cached", "sha256": sha256_file(src)}
+    return {
+        "mode": "llm",
+        "model": llm.model,
+        "host": server_host(effective_base_url(llm)),
+        "temperature": llm.temperature,
+        "seed": llm.seed,
+        "n_descriptions": llm.n_descriptions,
+        "questions": questions_of(llm),
+        "max_tokens": llm.max_tokens,
+    }
+
+
+def _describe_record(record: Path) -> dict[str, Any]:
+    rec = _read_json(record)
+    if sha256_file(rec["path"]) != rec["sha256"]:
+        raise ArtifactError(f"descriptions file {rec['path']} changed since it was recorded")
+    return rec
+
+
+def plan_describe(cfg: Config, classes: Sequence[str]) -> StagePlan:
+    """Key = classes + the LLM fields that shape the answers (or the cached file's sha256)."""
+    key = content_key("describe", list(classes), _describe_identity(cfg))
+    record = descriptions_dir(cfg) / f"describe-{key[:16]}.json"
+    return StagePlan("describe", key, record, lambda: bool(_describe_record(record)))
+
+
+def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False) -> StageResult:
+    """The class descriptions: the committed file (``llm.model: cached``) or an LLM generation written to
+    ``<project>/descriptions/`` (answers cached in ``llm.cache_dir``). ``refresh`` re-validates the file
+    and records it again; new LLM answers need a different ``llm.seed`` or model (answers are cached)."""
+    t0 = time.perf_counter()
+    plan = plan_describe(cfg, classes)
+
+    def done(rec: dict[str, Any], cached: bool) -> StageResult:
+        return _result(plan, Path(rec["path"]), plan.key, cached, t0, sha256=rec["sha256"], model=cfg.llm.model,
+                       classes=list(classes), n_requests=rec.get("n_requests", 0), n_cached=rec.get("n_cached", 0))
+
+    if not refresh and plan.is_done():
+        return done(_describe_record(plan.path), True)
+    with _stage_lock(cfg, "describe", plan.key):
+        if not refresh and plan.is_done():
+            return done(_describe_record(plan.path), True)
+        from mpafer.describe import get_descriptions, load_descriptions
+
+        res = get_descriptions(list(classes), cfg.llm, descriptions_dir(cfg), _abs(cfg, cfg.llm.cache_dir))
+        path = Path(res.path).resolve()
+        load_descriptions(path)  # validate before recording it
+        rec = {"key": plan.key, "path": str(path), "sha256": sha256_file(path), "model": cfg.llm.model,
+               "n_requests": res.n_requests, "n_cached": res.n_cached}
+        atomic_write_json(plan.path, rec)
+    return done(rec, False)
+
+
+# ------------------------------------------------------------------------------------------ text features
+def plan_text_features(cfg: Config, describe: StageResult, classes: Sequence[str]) -> StagePlan:
+    """Key = descriptions file sha256 + CLIP model/identity/precision + granularities + classes."""
+    key = content_key(
+        "text_features", sha256_file(describe.path), _clip_fields(cfg), list(cfg.model.granularities), list(classes)
+    )
+    path = features_dir(cfg) / f"text-{key[:16]}.parquet"
+    return StagePlan("text_features", key, path, lambda: is_valid_parquet(path))
+
+
+def stage_text_features(
+    cfg: Config, describe: StageResult, classes: Sequence[str], *, refresh: bool = False
+) -> StageResult:
+    """Frozen-CLIP features of the hard prompts (METHOD.md §2), one Parquet row per prompt."""
+    t0 = time.perf_counter()
+    plan = plan_text_features(cfg, describe, classes)
+    if not refresh and plan.is_done():
+        return _result(plan, plan.path, plan.key, True, t0)
+    with _stage_lock(cfg, "text_features", plan.key):
+        if not refresh and plan.is_done():
+            return _result(plan, plan.path, plan.key, True, t0)
+        from mpafer.clip.text_features import build_text_features
+
+        backbone = _backbone(cfg)
+        with _scratch_dir(plan.path.parent, "text") as tmp:
+            produced = build_text_features(backbone, describe.path, list(classes), list(cfg.model.granularities), tmp)
+            _move_into_place(produced, plan.path)
+    return _result(plan, plan.path, plan.key, False, t0)
+
+
+# ------------------------------------------------------------------------------------------ prototypes
+def plan_prototypes(cfg: Config, manifest: StageResult) -> StagePlan:
+    """Key = manifest key + CLIP model/identity/precision + prototype subset and seed + autocast mode."""
+    key = content_key(
+        "prototypes",
+        manifest.key,
+        _clip_fields(cfg),
+        cfg.model.prototype_subset,
+        cfg.model.prototype_seed,
+        cfg.train.amp,
+    )
+    path = features_dir(cfg) / f"prototypes-{key[:16]}.parquet"
+    return StagePlan("prototypes", key, path, lambda: is_valid_parquet(path))
+
+
+def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = False) -> StageResult:
+    """Class prototypes: mean frozen-CLIP image features of the training images per class."""
+    t0 = time.perf_counter()
+    plan = plan_prototypes(cfg, manifest)
+    if not refresh and plan.is_done():
+        return _result(plan, plan.path, plan.key, True, t0)
+    with _stage_lock(cfg, "prototypes", plan.key):
+        if not refresh and plan.is_done():
+            return _result(plan, plan.path, plan.key, True, t0)
+        from mpafer.clip.prototypes import build_prototypes
+
+        backbone = _backbone(cfg)
+        with _scratch_dir(plan.path.parent, "prototypes") as tmp:
+            produced = build_prototypes(
+                backbone,
+                manifest.path,
+                cfg.model.prototype_subset,
+                cfg.model.prototype_seed,
+                tmp,
+                cfg.train.eval_batch_size,
+                cfg.train.num_workers,
+                amp=cfg.train.amp,
+                progress=False,
+            )
+            _move_into_place(produced, plan.path)
+    return _result(plan, plan.path, plan.key, False, t0)
+
+
+# ------------------------------------------------------------------------------------------ train
+TRAIN_RECORD = "train.json"
+
+
+def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> str:
+    """Key = manifest, text-feature and prototype keys + the model config + the train config fields that
+    change what is learned (device, workers, logging and checkpoint cadence are left out)."""
+    train_fields = cfg.train.model_dump(mode="json", exclude=set(TRAIN_KEY_EXCLUDE))
+    return content_key(
+        "train", manifest.key, text_features.key, prototypes.key, cfg.model.model_dump(mode="json"), train_fields
+    )
+
+
+def _train_record(run_dir: Path, key: str) -> dict[str, Any]:
+    rec = _read_json(run_dir / TRAIN_RECORD)
+    if rec.get("key") != key:
+        raise ArtifactError(f"run {run_dir} was trained under another key")
+    return rec
+
+
+def _find_run_dir(cfg: Config, key: str) -> Path:
+    """``runs/<name>-<key12>``, or an existing valid run of the same key under another name."""
+    preferred = runs_dir(cfg) / f"{run_name(cfg)}-{key[:12]}"
+    if preferred.is_dir():
+        return preferred
+    for other in sorted(runs_dir(cfg).glob(f"*-{key[:12]}")):
+        with contextlib.suppress(Exception):
+            _train_record(other, key)
+            return other
+    return preferred
+
+
+def plan_train(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> StagePlan:
+    key = train_key(cfg, manifest, text_features, prototypes)
+    run_dir = _find_run_dir(cfg, key)
+    return StagePlan("train", key, run_dir / TRAIN_RECORD, lambda: bool(_train_record(run_dir, key)))
+
+
+def stage_train(
+    cfg: Config,
+    manifest: StageResult,
+    text_features: StageResult,
+    prototypes: StageResult,
+    *,
+    refresh: bool = False,
+) -> StageResult:
+    """Train the prompts into ``runs/<name>-<key12>/`` (one ``seed-<s>/`` run per seed when
+    ``train.seeds`` is set). A crashed run resumes from its checkpoints (the completion record is written
+    only after training returns); ``refresh`` starts it from scratch."""
+    t0 = time.perf_counter()
+    plan = plan_train(cfg, manifest, text_features, prototypes)
+    run_dir = plan.path.parent
+
+    def done(rec: dict[str, Any], cached: bool) -> StageResult:
+        return _result(plan, run_dir, plan.key, cached, t0, **rec.get("result", {}))
+
+    if not refresh and plan.is_done():
+        return done(_train_record(run_dir, plan.key), True)
+    with _stage_lock(cfg, "train", plan.key):
+        if not refresh and plan.is_done():
+            return done(_train_record(run_dir, plan.key), True)
+        if refresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        from mpafer.train import train
+        from mpafer.train.seeds import seed_dir, seed_list
+
+        release_backbones()
+        inputs = (manifest.path, text_features.path, prototypes.path)
+        if cfg.train.seeds:
+            results = {}
+            for seed in seed_list(cfg):
+                seed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "seeds": None})})
+                results[str(seed)] = train(seed_cfg, *inputs, seed_dir(run_dir, seed), progress=False)
+            out: dict[str, Any] = {"seeds": seed_list(cfg)}
+        else:
+            out = train(cfg, *inputs, run_dir, progress=False) or {}
+        scalars = {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
+        rec = {
+            "key": plan.key,
+            "inputs": {s.stage: s.key for s in (manifest, text_features, prototypes)},
+            "result": _jsonable(scalars),
+            "finished_at": _now(),
+        }
+        atomic_write_json(run_dir / TRAIN_RECORD, rec)
+    return done(rec, False)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _eval_record(record: Path, key: str) -> dict[str, Any]:
+    rec = _read_json(record)
+    if rec.get("key") != key:
+        raise ArtifactError(f"{record} belongs to another evaluation")
+    for name in ("summary_path", "report_path"):
+        if not Path(rec[name]).is_file():
+            raise ArtifactError(f"{rec[name]} is missing")
+    json.loads(Path(rec["summary_path"]).read_text(encoding="utf-8"))
+    return rec
+
+
+def plan_evaluate(cfg: Config, train: StageResult, manifest: StageResult, split: str = "test") -> StagePlan:
+    """Key = train key + manifest key + split."""
+    key = content_key("evaluate", train.key, manifest.key, split)
+    record = Path(train.path) / f"evaluate-{split}.json"
+    return StagePlan("evaluate", key, record, lambda: bool(_eval_record(record, key)))
+
+
+def _evaluate_run(cfg: Config, run_dir: Path, manifest: StageResult, split: str,
+                  timings: dict[str, float], force: bool) -> tuple[dict[str, Any], Path, Path, list[str]]:
+    """Run the evaluation; returns (summary, summary path, report path, figure paths)."""
+    from mpafer.train import evaluate
+    from mpafer.train.report import summary_name
+    from mpafer.train.seeds import aggregate_seed_summaries, seed_dir, seed_list
+
+    if not cfg.train.seeds:
+        summary = evaluate(run_dir, manifest.path, split=split, timings=timings, force=force)
+        arts = summary.get("artifacts") or {}
+        summary_path = Path(arts.get("summary") or run_dir / summary_name(split))
+        report_path = Path(arts.get("report") or run_dir / "report.md")
+        figures = [str(arts[k]) for k in ("confusion_png", "curves_png") if arts.get(k)]
+        return summary, summary_path, report_path, figures
+    per_seed = {s: evaluate(seed_dir(run_dir, s), manifest.path, split=split, timings=timings, force=force)
+                for s in seed_list(cfg)}
+    summary = aggregate_seed_summaries(per_seed, run_dir)
+    summary["timings"] = {**summary.get("timings", {}), **timings}
+    summary_path = run_dir / summary_name(split)
+    atomic_write_json(summary_path, summary)
+    first = (per_seed[min(per_seed)].get("artifacts") or {})
+    report_path = Path(first.get("report") or seed_dir(run_dir, min(per_seed)) / "report.md")
+    figures = [str((s.get("artifacts") or {})[k]) for s in per_seed.values()
+               for k in ("confusion_png", "curves_png") if (s.get("artifacts") or {}).get(k)]
+    return summary, summary_path, report_path, figures
+
+
+def stage_evaluate(
+    cfg: Config,
+    train: StageResult,
+    manifest: StageResult,
+    *,
+    split: str = "test",
+    timings: dict[str, float] | None = None,
+    refresh: bool = False,
+) -> StageResult:
+    """Evaluate the trained prompts on ``split``: ``summary.json`` (with the upstream stage ``timings``
+    merged in), ``report.md`` and the PNGs in the run folder; with ``train.seeds`` one evaluation per seed
+    and the aggregate (mean ± std) ``summary.json`` at the run folder's top."""
+    t0 = time.perf_counter()
+    plan = plan_evaluate(cfg, train, manifest, split)
+
+    def done(rec: dict[str, Any], cached: bool) -> StageResult:
+        info = {k: v for k, v in rec.items() if k not in ("key", "finished_at")}
+        return _result(plan, Path(rec["summary_path"]), plan.key, cached, t0, **info)
+
+    if not refresh and plan.is_done():
+        return done(_eval_record(plan.path, plan.key), True)
+    with _stage_lock(cfg, "evaluate", plan.key):
+        if not refresh and plan.is_done():
+            return done(_eval_record(plan.path, plan.key), True)
+        summary, summary_path, report_path, figures = _evaluate_run(
+            cfg, Path(train.path), manifest, split, dict(timings or {}), refresh
+        )
+        rec = {
+            "key": plan.key,
+            "split": split,
+            "summary_path": str(summary_path),
+            "report_path": str(report_path),
+            "figures": figures,
+            "accuracy": summary.get("accuracy"),
+            "mean_class_accuracy": summary.get("mean_class_accuracy"),
+            "n_test": summary.get("n_test"),
+            "finished_at": _now(),
+        }
+        atomic_write_json(plan.path, _jsonable(rec))
+        rec = _eval_record(plan.path, plan.key)
+    return done(rec, False)
+
+
+# ------------------------------------------------------------------------------------------ planning
+def plan_stage(stage: str, inputs: dict[str, Any]) -> StagePlan:
+    """The plan of ``stage`` from the keyword arguments its ``stage_*`` function takes (``refresh`` and
+    other extras are ignored). What the Prefect cache policy calls."""
+    planners: dict[str, Callable[..., StagePlan]] = {
+        "manifest": plan_manifest,
+        "describe": plan_describe,
+        "text_features": plan_text_features,
+        "prototypes": plan_prototypes,
+        "train": plan_train,
+        "evaluate": plan_evaluate,
+    }
+    if stage not in planners:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    import inspect
+
+    fn = planners[stage]
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in inputs.items() if k in names})
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def summarize(cfg: Config, results: Iterable[StageResult], seconds: float, *, runner: str = "python") -> dict[str, Any]:
+    """The pipeline summary (stage keys, cached flags, timings, where the report is, accuracy), also
+    written to ``<project>/pipeline_runs/<UTC time>-<name>.json``."""
+    by_stage = {r.stage: r for r in results}
+    ev = by_stage.get("evaluate")
+    tr = by_stage.get("train")
+    summary: dict[str, Any] = {
+        "name": run_name(cfg),
+        "runner": runner,
+        "project_dir": str(project_dir(cfg)),
+        "run_dir": str(tr.path) if tr else None,
+        "summary_path": str(ev.path) if ev else None,
+        "report_path": ev.info.get("report_path") if ev else None,
+        "figures": ev.info.get("figures", []) if ev else [],
+        "accuracy": ev.info.get("accuracy") if ev else None,
+        "mean_class_accuracy": ev.info.get("mean_class_accuracy") if ev else None,
+        "stages": {
+            r.stage: {"key": r.key, "path": str(r.path), "cached": r.cached, "seconds": r.seconds}
+            for r in by_stage.values()
+        },
+        "executed": [s for s in STAGES if s in by_stage and not by_stage[s].cached],
+        "cached": [s for s in STAGES if s in by_stage and by_stage[s].cached],
+        "total_seconds": round(seconds, 3),
+        "finished_at": _now(),
+    }
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    out = project_dir(cfg) / "pipeline_runs" / f"{stamp}-{run_name(cfg)}.json"
+    summary["pipeline_summary_path"] = str(out)
+    atomic_write_json(out, summary)
+    return summary
+
+
+def refresh_set(cfg: Config, refresh: Iterable[str] = ()) -> set[str]:
+    """Stages to force: ``refresh`` plus ``pipeline.refresh``; unknown names fail naming them."""
+    out = set(refresh) | set(cfg.pipeline.refresh)
+    bad = sorted(out - set(STAGES))
+    if bad:
+        raise ConfigError(f"unknown stage(s) to refresh: {', '.join(bad)}; stages: {', '.join(STAGES)}")
+    return out
+
+
+def run_pipeline(cfg: Config, refresh: Iterable[str] = ()) -> dict[str, Any]:
+    """Run every stage in order without Prefect and return the summary (see :func:`summarize`)."""
+    t0 = time.perf_counter()
+    force = refresh_set(cfg, refresh)
+    cfg = prepare_config(cfg)
+    manifest = stage_manifest(cfg, refresh="manifest" in force)
+    classes = manifest.info["classes"]
+    describe = stage_describe(cfg, classes, refresh="describe" in force)
+    text = stage_text_features(cfg, describe, classes, refresh="text_features" in force)
+    protos = stage_prototypes(cfg, manifest, refresh="prototypes" in force)
+    trained = stage_train(cfg, manifest, text, protos, refresh="train" in force)
+    timings = {r.stage: r.seconds for r in (manifest, describe, text, protos, trained)}
+    evaluated = stage_evaluate(cfg, trained, manifest, timings=timings, refresh="evaluate" in force)
+    release_backbones()
+    results = [manifest, describe, text, protos, trained, evaluated]
+    return summarize(cfg, results, time.perf_counter() - t0)

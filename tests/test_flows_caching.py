@@ -1,0 +1,123 @@
+"""The Prefect flows against a real Prefect server: selective re-execution read from task-run states.
+
+The tiny pipeline (synthetic faces, random-weight test CLIP, one epoch) runs through ``mpa-fer-pipeline``
+with every real component. Cache hits are asserted from the server's task-run states (``Cached``), and
+the wall time of each case is printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("conftest_flows")
+from conftest_flows import PrefectServer, task_states, tiny_config  # noqa: E402
+from fake_llm_server import FakeLLMServer  # noqa: E402
+
+from mpafer.config import Config  # noqa: E402
+from mpafer.pipeline import STAGES  # noqa: E402
+
+pytest_plugins = ["conftest_flows"]
+
+def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
+    from flows.pipeline import mpa_fer_pipeline
+
+    t0 = time.perf_counter()
+    state = mpa_fer_pipeline(config=cfg, return_state=True)
+    timings[label] = round(time.perf_counter() - t0, 2)
+    summary = state.result()
+    states = task_states(state.state_details.flow_run_id)
+    assert set(states) == set(STAGES)
+    recomputed = [s for s in STAGES if states[s] != "Cached"]
+    assert recomputed == summary["executed"], (states, summary["executed"])
+    print(f"[flows] {label:<28} {timings[label]:7.2f} s  computed: {', '.join(recomputed) or '-'}")
+    return summary, states
+
+
+def computed(states: dict[str, str]) -> list[str]:
+    return [s for s in STAGES if states[s] != "Cached"]
+
+
+def test_selective_reexecution_through_prefect(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    cfg = tiny_config(project)
+    timings: dict[str, float] = {}
+
+    summary, states = run_flow(cfg, "cold", timings)
+    assert computed(states) == list(STAGES)
+    assert Path(summary["summary_path"]).is_file() and Path(summary["report_path"]).is_file()
+    assert (project / "prefect_results").is_dir(), "results persist in the project folder"
+    first_accuracy = summary["accuracy"]
+
+    summary, states = run_flow(cfg, "nothing changed", timings)
+    assert all(v == "Cached" for v in states.values()), states
+    assert summary["accuracy"] == first_accuracy
+
+    with FakeLLMServer() as llm:
+        llm_cfg = tiny_config(project, "llm.model=fake-llm-b", f"llm.base_url={llm.url}", "llm.max_retries=1",
+                              "llm.timeout_s=10")
+        summary, states = run_flow(llm_cfg, "another LLM model", timings)
+        assert computed(states) == ["describe", "text_features", "train", "evaluate"]
+        assert llm.count(model="fake-llm-b") == 3, "one request per class"
+        desc = json.loads(Path(summary["stages"]["describe"]["path"]).read_text())
+        assert desc["provenance"]["model"] == "fake-llm-b"
+
+    image = sorted((project / "synthetic").glob("*/train/happiness/*.png"))[0]
+    img = Image.open(image).convert("RGB")
+    img.putpixel((3, 3), (0, 255, 0))
+    img.save(image)
+    summary, states = run_flow(cfg, "one image changed", timings)
+    assert computed(states) == ["manifest", "prototypes", "train", "evaluate"]
+
+    summary, states = run_flow(tiny_config(project, "train.lr=0.02"), "train hyperparameter changed", timings)
+    assert computed(states) == ["train", "evaluate"]
+
+    # A cache record must never point at a damaged artifact: the task runs and rebuilds it in place.
+    text = Path(summary["stages"]["text_features"]["path"])
+    text.write_bytes(text.read_bytes()[:64])
+    summary, states = run_flow(cfg, "damaged text features", timings)
+    assert computed(states) == ["text_features"], "same content key: train and evaluate stay cached"
+    summary, states = run_flow(cfg, "after repair", timings)
+    assert computed(states) == []
+
+    summary, states = run_flow(tiny_config(project, "pipeline.refresh=[evaluate]"), "refresh evaluate", timings)
+    assert computed(states) == ["evaluate"]
+
+    print("[flows] wall times (s): " + json.dumps(timings))
+
+
+def test_stage_flow_runs_up_to_its_stage(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    from flows.stages import prototypes_flow
+
+    result = prototypes_flow(config=tiny_config(tmp_path / "proj"))
+    assert set(result) == {"manifest", "prototypes"}
+    assert Path(result["prototypes"]["path"]).is_file()
+    again = prototypes_flow(config=tiny_config(tmp_path / "proj"))
+    assert again["prototypes"]["cached"] and again["manifest"]["cached"]
+
+
+def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest_flows import TINY_OVERRIDES
+
+    from mpafer.cli import main
+
+    sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
+    project = tmp_path / "demo"
+    assert main(["demo", *sets, "--project-dir", str(project)]) == 0
+    printed = capsys.readouterr().out
+    assert f"summary:  {project}" in printed and "report.md" in printed and "accuracy:" in printed
+    assert "computed manifest, describe, text_features, prototypes, train, evaluate" in printed
+
+    assert main(["run", "--config", "demo", *sets, "--set", f"pipeline.project_dir={project}"]) == 0
+    assert "computed nothing; cached manifest, describe" in capsys.readouterr().out
+
+    assert main(["run", "--config", "demo", "--set", "model.variant=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "model.variant" in err and len(err.strip().splitlines()) == 1
