@@ -33,17 +33,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpafer.config import ModelConfig
 from mpafer.errors import ArtifactError, ConfigError
 from mpafer.model import losses
 from mpafer.model.text_prompts import PromptedTextEncoder
 from mpafer.model.visual_prompts import PromptedImageEncoder
+
+if TYPE_CHECKING:  # the config is only read through its attributes (duck typing)
+    from mpafer.config import ModelConfig
 
 __all__ = ["MPAFER", "MPAOutput", "cgla_local_scores"]
 
