@@ -255,11 +255,26 @@ def test_affectnet_layout_b(tmp_path: Path, dataset: str, string_labels: bool) -
 
 
 def test_affectnet_npy_reader(tmp_path: Path) -> None:
-    for value, expected in [(np.array("3"), 3), (np.array(5), 5), (np.array([6.0]), 6), (np.array(b"2"), 2)]:
+    cases = [
+        (np.array("3"), 3),
+        (np.array(["5"]), 5),
+        (np.array("10"), 10),
+        (np.array("3", dtype=">U1"), 3),
+        (np.array(5), 5),
+        (np.array([6], dtype=">i4"), 6),
+        (np.array(3, dtype=np.uint8), 3),
+        (np.array([6.0]), 6),
+        (np.array(np.float32(1.0)), 1),
+        (np.array(b"2"), 2),
+        (np.zeros((1, 1)), 0),
+    ]
+    for value, expected in cases:
         np.save(tmp_path / "x.npy", value)
         assert read_expression_npy(tmp_path / "x.npy") == expected
-    np.save(tmp_path / "x.npy", np.array("happy"))
-    assert isinstance(read_expression_npy(tmp_path / "x.npy"), str)
+    for bad in (np.array("happy"), np.array(2.5), np.array([1, 2]), np.array(float("nan"))):
+        np.save(tmp_path / "x.npy", bad)
+        assert isinstance(read_expression_npy(tmp_path / "x.npy"), str), bad
+    assert read_expression_npy(tmp_path / "absent.npy") == "annotation file not found"
     (tmp_path / "x.npy").write_bytes(b"garbage")
     assert "not a readable .npy" in str(read_expression_npy(tmp_path / "x.npy"))
 
@@ -323,3 +338,11 @@ def test_csv_absolute_paths_and_default_split(tmp_path: Path) -> None:
     assert {r["path"] for r in rows(m)} == {"../elsewhere/a.jpg", "../elsewhere/b.jpg"}
     assert sorted(lab for _, lab in m.items("train")) == [0, 1]
     assert m.classes == ["happiness", "fear"]
+
+
+def test_ferplus_unwritable_png_cache_names_it(tmp_path: Path) -> None:
+    root = make_ferplus(tmp_path / "ferplus")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="cannot create PNG cache folder .*a-file.*data.png_cache"):
+        list_dataset(DataConfig(dataset="ferplus", root=root, png_cache=blocker / "cache"))

@@ -166,12 +166,12 @@ def test_no_partial_manifest_on_error(raf: Path, tmp_path: Path) -> None:
 def test_hash_cache_is_git_ignored(raf: Path, tmp_path: Path) -> None:
     _build(raf, tmp_path / "m")
     assert (tmp_path / "m" / ".cache" / ".gitignore").read_text().strip().endswith("*")
-    assert (tmp_path / "m" / ".cache" / "hashes.sqlite3").is_file()
+    assert (tmp_path / "m" / ".cache" / hashing.CACHE_FILE).is_file()
 
 
 def test_damaged_hash_cache_is_rebuilt(raf: Path, tmp_path: Path) -> None:
     first = _build(raf, tmp_path / "m")
-    (tmp_path / "m" / ".cache" / "hashes.sqlite3").write_bytes(b"not sqlite at all" * 100)
+    (tmp_path / "m" / ".cache" / hashing.CACHE_FILE).write_bytes(b"not sqlite at all" * 100)
     assert _build(raf, tmp_path / "m").key == first.key
 
 
@@ -181,7 +181,31 @@ def test_verify_image_bytes() -> None:
     jpg, png = image_bytes(1, "JPEG"), image_bytes(2, "PNG")
     assert hashing.verify_image_bytes(jpg) is None and hashing.verify_image_bytes(png) is None
     assert "truncated JPEG" in str(hashing.verify_image_bytes(jpg[:-40]))
-    assert "unreadable image" in str(hashing.verify_image_bytes(jpg[:100]))  # cut inside the header
+    assert "truncated JPEG" in str(hashing.verify_image_bytes(jpg[:100]))  # cut inside the header
+    assert "corrupt JPEG" in str(hashing.verify_image_bytes(jpg[:2] + b"\xff\xda\x00\x08" + jpg[2:]))
     assert "unreadable" in str(hashing.verify_image_bytes(png[: len(png) - 20]))
     assert "not a recognised image" in str(hashing.verify_image_bytes(b"hello world"))
     assert hashing.verify_image_bytes(b"") == "empty file"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"progressive": True}, {"exif": b"Exif\x00\x00" + bytes(40)}, {"quality": 20, "optimize": True}],
+)
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_header_check_accepts_complete_and_rejects_every_truncation(mode: str, options: dict) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (20, 24) if mode == "L" else (20, 24, len(mode))
+    buf = io.BytesIO()
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode)
+    img.save(buf, format="JPEG", **options)
+    data = buf.getvalue()
+    assert hashing.verify_image_bytes(data) is None
+    assert hashing.verify_image_bytes(data + b"\x00" * 16) is None  # padding after EOI is fine
+    for cut in range(1, len(data)):
+        assert hashing.verify_image_bytes(data[:cut]) is not None, cut

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mpafer.artifacts import atomic_write_text
 from mpafer.config import DataConfig
-from mpafer.data.hashing import default_workers
+from mpafer.data.hashing import CACHE_FILE, default_workers
 
 HEADER = (
     "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
@@ -119,7 +119,7 @@ def run_manifest_bench(
     if warm.key != cold.key:  # pragma: no cover - would be a bug
         raise RuntimeError("cached rebuild changed the manifest key")
     self_mb, child_mb = _peak_rss_mb()
-    cache_file = out / CACHE_DIRNAME / "hashes.sqlite3"
+    cache_file = out / CACHE_DIRNAME / CACHE_FILE
     return {
         "bench": "manifest",
         "rows": cold.n_rows,

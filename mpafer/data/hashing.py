@@ -1,8 +1,9 @@
 """Hash and cheaply verify image files, in parallel, with a stat-keyed cache.
 
 :func:`check_file` reads one file, computes its sha256 and verifies it without decoding the pixels:
-Pillow must recognise the header, PNG chunks must pass :meth:`PIL.Image.Image.verify` (CRCs, ``IEND``),
-and a JPEG must end with its end-of-image marker (a truncated JPEG does not).
+a JPEG's marker segments are walked up to the first scan and it must still end with its end-of-image
+marker (a truncated JPEG does not); other formats must be recognised by Pillow and pass
+:meth:`PIL.Image.Image.verify` (for PNG: chunk CRCs and ``IEND``).
 
 :func:`hash_files` checks many files: the :class:`HashCache` (a small SQLite file) maps
 ``(absolute path, size, mtime_ns)`` to the earlier result, so an unchanged tree is only ``stat``-ed;
@@ -19,6 +20,7 @@ import hashlib
 import io
 import os
 import sqlite3
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -27,6 +29,9 @@ from pathlib import Path
 
 from PIL import Image
 
+#: Name of the cache file; the version changes whenever the verification rules do, so that no verdict
+#: of older rules is reused.
+CACHE_FILE = "hashes-v2.sqlite3"
 #: Below this many files to check, no process pool is started.
 POOL_MIN_FILES = 256
 _JPEG_EOI = b"\xff\xd9"
@@ -43,10 +48,60 @@ class FileCheck:
     mtime_ns: int = -1
 
 
+#: Start-of-frame markers (baseline, progressive, lossless, arithmetic) that carry the image size.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def check_jpeg_bytes(data: bytes) -> str | None:
+    """Walk a JPEG's marker segments up to the first scan; ``None`` when the header is sound.
+
+    Checks what decoding would need first (a frame header with a non-zero size before the first scan,
+    segment lengths inside the file) and that the file still ends with its end-of-image marker, which
+    a truncated JPEG lacks. Much cheaper than :func:`PIL.Image.open` on small files.
+    """
+    n = len(data)
+    i = 2
+    frame = False
+    while True:
+        if i + 4 > n:
+            return "truncated JPEG (header cut short)"
+        if data[i] != 0xFF:
+            return "corrupt JPEG (marker expected in the header)"
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            i += 2
+            continue
+        if marker == 0xD9:
+            return "corrupt JPEG (ends before any image data)"
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if length < 2 or i + 2 + length > n:
+            return "truncated JPEG (header cut short)"
+        if marker in _JPEG_SOF:
+            if length < 8:
+                return "corrupt JPEG (short frame header)"
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            if width == 0:
+                return "image has zero size"
+            frame = True
+        elif marker == 0xDA:  # start of scan: the header is complete
+            if not frame:
+                return "corrupt JPEG (scan before frame header)"
+            break
+        i += 2 + length
+    if data.rfind(_JPEG_EOI, max(i, n - _JPEG_TAIL)) < 0:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
 def verify_image_bytes(data: bytes) -> str | None:
     """``None`` when ``data`` looks like a complete image, else a short reason (no full decode)."""
     if not data:
         return "empty file"
+    if data[:3] == b"\xff\xd8\xff":
+        return check_jpeg_bytes(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -172,27 +227,27 @@ def hash_files(
     as ``n`` more files are done. Results are in the order of ``paths``.
     """
     results: list[FileCheck | None] = [None] * len(paths)
-    stats: list[tuple[int, int] | None] = [None] * len(paths)
-    for i, p in enumerate(paths):
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            results[i] = FileCheck(None, "image not found")
-            continue
-        except OSError as exc:
-            results[i] = FileCheck(None, f"cannot read image ({exc.strerror or type(exc).__name__})")
-            continue
-        stats[i] = (st.st_size, st.st_mtime_ns)
-    cached = cache.lookup([p for p, s in zip(paths, stats, strict=True) if s is not None]) if cache else {}
     todo: list[int] = []
-    for i, p in enumerate(paths):
-        if results[i] is not None:
-            continue
-        hit = cached.get(p)
-        if hit is not None and (hit[0], hit[1]) == stats[i]:
-            results[i] = FileCheck(hit[2], hit[3], hit[0], hit[1])
-        else:
-            todo.append(i)
+    step = 2048  # stat and look up in slices, so no cache-sized dictionary is held
+    for start in range(0, len(paths), step):
+        stats: dict[int, tuple[int, int]] = {}
+        for i in range(start, min(start + step, len(paths))):
+            try:
+                st = os.stat(paths[i])
+            except FileNotFoundError:
+                results[i] = FileCheck(None, "image not found")
+                continue
+            except OSError as exc:
+                results[i] = FileCheck(None, f"cannot read image ({exc.strerror or type(exc).__name__})")
+                continue
+            stats[i] = (st.st_size, st.st_mtime_ns)
+        cached = cache.lookup([paths[i] for i in stats]) if cache is not None else {}
+        for i, stat in stats.items():
+            hit = cached.get(paths[i])
+            if hit is not None and (hit[0], hit[1]) == stat:
+                results[i] = FileCheck(hit[2], hit[3], hit[0], hit[1])
+            else:
+                todo.append(i)
     fresh: list[tuple[str, int, int, str, str | None]] = []
 
     def take(indices: list[int], checks: list[FileCheck]) -> None:

@@ -48,7 +48,7 @@ from mpafer.artifacts import (
 from mpafer.config import DataConfig
 from mpafer.data.adapters import list_dataset
 from mpafer.data.adapters.base import SPLITS, BadRow, Listing, Row
-from mpafer.data.hashing import HashCache, default_workers, hash_files
+from mpafer.data.hashing import CACHE_FILE, HashCache, default_workers, hash_files
 from mpafer.errors import ArtifactError, DataError
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "label_name", "split", "sha256")
@@ -285,7 +285,7 @@ def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> M
     workers = cfg.hash_workers or default_workers()
     prefix = os.path.join(root, "")
     abs_paths = [prefix + r.path for r in rows]
-    cache = HashCache(cache_dir / "hashes.sqlite3")
+    cache = HashCache(cache_dir / CACHE_FILE)
     try:
         with _progress_display(progress, len(abs_paths), f"hashing {listing.dataset}") as (start, advance):
             checks = hash_files(abs_paths, cache, workers, on_progress=advance, on_start=start)

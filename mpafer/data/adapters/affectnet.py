@@ -22,6 +22,8 @@ validation set is the test split. Layout A's face box is carried as ``box_x, box
 from __future__ import annotations
 
 import os
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +184,63 @@ def _list_layout_a(root: Path, path: Path, split: str, cfg: DataConfig, listing:
         listing.rows.append(Row(f"Manually_Annotated_Images/{sub}", label, split, src, line, box))
 
 
+_NPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?)([USiuf])(\d+)', 'fortran_order': (?:True|False), 'shape': \((?:1,?)?\), \}\s*$"
+)
+
+
+def _fast_npy_scalar(data: bytes) -> int | str | None:
+    """Parse the one-value ``.npy`` files AffectNet ships without NumPy's general reader.
+
+    Returns the label, a reason, or ``None`` when the file is not of the simple kind handled here (then
+    :func:`numpy.load` decides).
+    """
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        return None
+    if data[6] == 1:
+        (hlen,) = struct.unpack_from("<H", data, 8)
+        start = 10
+    elif data[6] in (2, 3) and len(data) >= 12:
+        (hlen,) = struct.unpack_from("<I", data, 8)
+        start = 12
+    else:
+        return None
+    m = _NPY_HEADER.match(data[start : start + hlen].decode("latin-1"))
+    if m is None:
+        return None
+    order, kind, size = m.group(1), m.group(2), int(m.group(3))
+    payload = data[start + hlen :]
+    width = size * 4 if kind == "U" else size
+    if len(payload) != width or width == 0:
+        return None
+    big = order == ">"
+    if kind == "U":
+        text = payload.decode("utf-32-be" if big else "utf-32-le", "replace").rstrip("\x00")
+    elif kind == "S":
+        text = payload.decode("ascii", "replace").rstrip("\x00")
+    elif kind in ("i", "u"):
+        return int.from_bytes(payload, "big" if big else "little", signed=kind == "i")
+    else:
+        if size not in (4, 8):
+            return None
+        value = struct.unpack(("<>"[big]) + ("f" if size == 4 else "d"), payload)[0]
+        return int(value) if float(value).is_integer() else f"annotation value {value!r} is not an integer"
+    label = parse_int(text)
+    return label if label is not None else f"annotation value {short(text, 20)} is not an integer"
+
+
 def read_expression_npy(path: Path) -> int | str:
     """The expression label stored in an AffectNet ``<id>_exp.npy`` (string or number), or a reason."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except FileNotFoundError:
+        return "annotation file not found"
+    except OSError as exc:
+        return f"annotation file is not readable ({exc.strerror or type(exc).__name__})"
+    fast = _fast_npy_scalar(data)
+    if fast is not None:
+        return fast
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:

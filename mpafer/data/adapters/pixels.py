@@ -58,7 +58,10 @@ class PngCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DataError(f"cannot create PNG cache folder {folder}: {exc.strerror or exc}") from None
+            raise DataError(
+                f"cannot create PNG cache folder {folder}: {exc.strerror or exc} "
+                "(choose a writable one with --set data.png_cache=DIR)"
+            ) from None
         self._source = self._describe_source()
         self.trusted = self._stamp_matches()
         if not self.trusted and self._stamp_path.exists():
@@ -98,14 +101,17 @@ class PngCache:
         arr = parse_pixels(pixels)
         if isinstance(arr, str):
             return arr
-        if target.parent not in self._made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(target.parent)
         try:
+            if target.parent not in self._made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(target.parent)
             with atomic_path(target) as tmp:
                 Image.fromarray(arr).save(tmp, format="PNG")
         except OSError as exc:
-            raise DataError(f"cannot write PNG cache file {target}: {exc.strerror or exc}") from None
+            raise DataError(
+                f"cannot write PNG cache file {target}: {exc.strerror or exc} "
+                "(choose a writable folder with --set data.png_cache=DIR)"
+            ) from None
         self.n_written += 1
         return target
 
