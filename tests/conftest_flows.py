@@ -128,6 +128,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT_S} s:\n{tail(log)}")
 
 
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A real Prefect server for the session; the test process uses it as its API."""
@@ -155,5 +164,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         child_env = {**env, "PREFECT_API_URL": url, "PREFECT_HOME": str(child_home)}
         with temporary_settings({PREFECT_API_URL: url}):
             yield PrefectServer(url=url, home=home, log=log, env=child_env)
+            _drain_prefect_workers()  # send pending logs/events while the server is still up
     finally:
         stop_process(proc)

@@ -103,7 +103,7 @@ def test_stage_flow_runs_up_to_its_stage(prefect_server: PrefectServer, tmp_path
     assert again["prototypes"]["cached"] and again["manifest"]["cached"]
 
 
-def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from conftest_flows import TINY_OVERRIDES
 
     from mpafer.cli import main
@@ -111,13 +111,18 @@ def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capsys:
     sets = [x for item in TINY_OVERRIDES for x in ("--set", item)]
     project = tmp_path / "demo"
     assert main(["demo", *sets, "--project-dir", str(project)]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert f"summary:  {project}" in printed and "report.md" in printed and "accuracy:" in printed
     assert "computed manifest, describe, text_features, prototypes, train, evaluate" in printed
 
     assert main(["run", "--config", "demo", *sets, "--set", f"pipeline.project_dir={project}"]) == 0
-    assert "computed nothing; cached manifest, describe" in capsys.readouterr().out
+    assert "computed nothing; cached manifest, describe" in capfd.readouterr().out
 
     assert main(["run", "--config", "demo", "--set", "model.variant=bogus"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "model.variant" in err and len(err.strip().splitlines()) == 1
+
+    # A user error inside a task (missing weights) is one line too; Prefect's traceback stays in its API log.
+    assert main(["demo", *sets, "--project-dir", str(project), "--set", "clip.pretrained=/nope/w.safetensors"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "weights" in err and len(err.splitlines()) == 1, err

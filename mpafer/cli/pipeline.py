@@ -6,6 +6,7 @@ without Prefect; ``--no-prefect`` runs :func:`mpafer.pipeline.run_pipeline` (sam
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ import typer
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, out
 from mpafer.config import Config
+from mpafer.errors import MpaferError
 from mpafer.pipeline import STAGES
 
 _SETS = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable).")]
@@ -31,6 +33,39 @@ def _prefect_env(verbose: bool) -> None:
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+class _DropUserErrors(logging.Filter):
+    """Drop Prefect's console ERROR records (tracebacks, failed states) caused by an :class:`MpaferError`:
+    the CLI prints that error as one line, and the Prefect API/UI keeps the full log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        names, todo = set(), [MpaferError]
+        while todo:
+            cls = todo.pop()
+            names.add(cls.__name__)
+            todo.extend(cls.__subclasses__())
+        self.markers = tuple(f"{n}{sep}" for n in sorted(names) for sep in ("(", ":"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MpaferError):
+            return False
+        message = record.getMessage()
+        return not any(m in message for m in self.markers)
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _DropUserErrors) for f in handler.filters
+        ):
+            handler.addFilter(_DropUserErrors())
 
 
 def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None) -> dict[str, Any]:
@@ -50,6 +85,8 @@ def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None
     _prefect_env(verbose)
     from flows.pipeline import mpa_fer_pipeline
 
+    if not verbose:
+        _quiet_user_errors()
     return mpa_fer_pipeline(config=cfg)
 
 
