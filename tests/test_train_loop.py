@@ -216,3 +216,22 @@ def test_image_cache_path_trains_and_resumes_exactly(tmp_path: Path) -> None:
     a, b = _prompts(tmp_path / "ref"), _prompts(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _learning(_rows(tmp_path / "ref")) == _learning(_rows(tmp_path / "cut"))
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler error at the first step warns and trains eagerly, with the eager run's exact result."""
+    inputs = shared_inputs()
+    eager = run_train(base_config(epochs=1), inputs, tmp_path / "eager")
+
+    def broken_compile(fn: object, *args: object, **kwargs: object) -> object:
+        def fail(*a: object, **k: object) -> None:
+            raise RuntimeError("inductor exploded")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        res = run_train(base_config(epochs=1, compile="on"), inputs, tmp_path / "fallback")
+    assert res["compiled"] is False
+    a, b = _prompts(tmp_path / "eager"), _prompts(tmp_path / "fallback")
+    assert all(torch.equal(a[k], b[k]) for k in a) and eager["final"]["loss"] == res["final"]["loss"]

@@ -7,7 +7,9 @@
   ``warmup_epochs`` epochs at ``warmup_lr``, then cosine annealing over ``epochs`` (see
   :class:`WarmupCosineSchedule`).
 * Frozen encoders under bf16 autocast on GPU (``amp: auto``), fp32 on CPU; prompts, losses and the
-  optimizer in fp32. ``torch.compile`` of the forward pass when ``compile`` is on (``auto`` = CUDA).
+  optimizer in fp32. ``torch.compile`` of the training step's forward + loss when ``compile`` is on
+  (``auto`` = CUDA); if the compiler fails on the first step, the run warns and continues eagerly
+  (seen with torch 2.11 Inductor on the full ViT-B/16 MPA step). Evaluation runs eagerly.
 * Seeded and deterministic on CPU: global seeds, ``torch.use_deterministic_algorithms`` (warn-only)
   during the run, an epoch order that is a pure function of ``(seed, epoch)`` and per-position
   augmentation seeds (:mod:`mpafer.train.sampler`), so a run resumed mid-epoch is bit-identical to an
@@ -32,6 +34,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +329,7 @@ def run_inference(
 
     Returns ``(logits [N,C] fp32 CPU, labels [N] CPU, preds [N] CPU, seconds)``.
     """
-    fwd = forward or model
+    fwd = forward if forward is not None else model
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -526,9 +529,11 @@ class _Trainer:
         self.trainable_tensors = {n: int(p.numel()) for n, p in trainable_parameters(self.model)}
         self.trainable_params = sum(self.trainable_tensors.values())
         self.learns = cfg.model.trainable and self.tc.epochs > 0 and bool(self.params)
-        self.forward: Callable[..., Any] = self.model
+        # forward + loss of a training step, compiled as one function when compile is on
+        self.step_fn: Callable[..., Any] = self._forward_loss
+        self.compile_checked = not (self.use_compile and self.learns)
         if self.use_compile and self.learns:
-            self.forward = torch.compile(self.model)
+            self.step_fn = torch.compile(self._forward_loss)
 
         from mpafer.data.images import clip_transforms
 
@@ -631,14 +636,32 @@ class _Trainer:
         self.epoch_time = 0.0
         self.timed_images = 0
 
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and loss parts of one batch (encoders under autocast; the losses run in fp32)."""
+        with _autocast(self.device, self.amp_dtype):
+            out = self.model(images)
+        return out.logits, self.model.loss(out, labels)  # type: ignore[operator]
+
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         assert self.optimizer is not None
-        with _autocast(self.device, self.amp_dtype):
-            out = self.forward(images)
-        losses = self.model.loss(out, labels)  # type: ignore[operator]
-        total = losses["total"]
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if self.compile_checked:
+            logits, losses = self.step_fn(images, labels)
+            losses["total"].backward()
+        else:  # first compiled step: fall back to eager if the compiler fails (before any update)
+            try:
+                logits, losses = self.step_fn(images, labels)
+                losses["total"].backward()
+            except Exception as exc:  # torch._dynamo / inductor errors of all kinds
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                              "training eagerly", RuntimeWarning, stacklevel=2)
+                self.console.print("[yellow]torch.compile failed; continuing in eager mode[/]")
+                self.use_compile = False
+                self.step_fn = self._forward_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                logits, losses = self.step_fn(images, labels)
+                losses["total"].backward()
+            self.compile_checked = True
         if self.tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
         self.optimizer.step()
@@ -650,7 +673,7 @@ class _Trainer:
                     self.accum[name] += v
                 else:
                     self.accum[name] = v.clone()
-            hits = (out.logits.detach().argmax(dim=-1) == labels).sum()
+            hits = (logits.detach().argmax(dim=-1) == labels).sum()
             if "correct" in self.accum:
                 self.accum["correct"] += hits.to(torch.float64)
             else:
@@ -663,7 +686,7 @@ class _Trainer:
         from mpafer.train.metrics import classification_metrics
 
         loader = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
-        _, labels, preds, _ = run_inference(self.model, loader, self.device, self.amp_dtype, self.forward)
+        _, labels, preds, _ = run_inference(self.model, loader, self.device, self.amp_dtype)
         m = classification_metrics(preds, labels, self.inputs.classes)
         return {"val_acc": m["accuracy"], "val_mean_class_acc": m["mean_class_accuracy"]}
 
