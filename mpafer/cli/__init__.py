@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mpafer.cli.app import app, bench_app
-from mpafer.errors import MpaferError
+from mpafer.cli import bench as _bench  # noqa: E402,F401
 
 # Command modules register themselves on ``app`` / ``bench_app`` when imported.
 from mpafer.cli import data as _data  # noqa: E402,F401
@@ -13,34 +12,92 @@ from mpafer.cli import describe as _describe  # noqa: E402,F401
 from mpafer.cli import embed as _embed  # noqa: E402,F401
 from mpafer.cli import learn as _learn  # noqa: E402,F401
 from mpafer.cli import pipeline as _pipeline  # noqa: E402,F401
-from mpafer.cli import bench as _bench  # noqa: E402,F401
+from mpafer.cli.app import app, bench_app
+from mpafer.errors import MpaferError
 
 __all__ = ["app", "bench_app", "main"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the app, turning :class:`MpaferError` into one line."""
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Usage-error classes of typer's bundled click and, when installed, of click itself."""
+    types: list[type[BaseException]] = []
     try:
-        app(args=argv, standalone_mode=False)
+        from typer._click.exceptions import ClickException as _TyperClickException
+
+        types.append(_TyperClickException)
+    except ImportError:  # older typer uses click directly
+        pass
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _exit_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    try:
+        import typer.exceptions as _te
+
+        types.append(_te.Exit)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import click
+
+        types.append(click.exceptions.Exit)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _abort_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    try:
+        import typer.exceptions as _te
+
+        types.append(_te.Abort)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import click
+
+        types.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, turning user errors into one ``error:`` line.
+
+    Returns the exit code: 0 on success, 2 for bad input (:class:`MpaferError` or a usage error),
+    130 when interrupted.
+    """
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="mpafer")
     except MpaferError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as exc:  # typer/click exits (e.g. --help)
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("error: aborted", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _exit_types() as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _abort_types():
+        print("error: aborted", file=sys.stderr)
+        return 1
+    except _usage_error_types() as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = " ".join(str(message).split())
+        if message:  # typer's "no arguments: show help" carries no message
+            print(f"error: {message}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2) or 2)
+    return rv if isinstance(rv, int) else 0
 
 
 def _entry() -> None:  # pragma: no cover
