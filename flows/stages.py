@@ -132,8 +132,9 @@ def execute(cfg: Config, until: StageName = "evaluate") -> tuple[Config, dict[St
             prototypes=out["prototypes"], refresh="train" in force,
         )
     if "evaluate" in needs:
+        timings = {stage: r.seconds for stage, r in out.items()}  # merged into summary.json when evaluated
         out["evaluate"] = _call(tasks["evaluate"], cfg=cfg, train=out["train"], manifest=manifest,
-                                refresh="evaluate" in force)
+                                timings=timings, refresh="evaluate" in force)
     for stage in STAGES:
         if stage in out:
             r = out[stage]

@@ -93,10 +93,16 @@ def train_task(
 
 @task(name="evaluate", cache_policy=StageCachePolicy(stage="evaluate"), task_run_name=_evaluate_name, **_COMMON)
 def evaluate_task(
-    cfg: Config, train: StageResult, manifest: StageResult, split: str = "test", refresh: bool = False
+    cfg: Config,
+    train: StageResult,
+    manifest: StageResult,
+    split: str = "test",
+    timings: dict[str, float] | None = None,
+    refresh: bool = False,
 ) -> StageResult:
-    """Evaluate the trained prompts; writes summary.json, report.md and the PNGs."""
-    return pipeline.stage_evaluate(cfg, train, manifest, split=split, refresh=refresh)
+    """Evaluate the trained prompts; writes summary.json (with the stage ``timings``), report.md and PNGs.
+    ``timings`` is not part of the cache key."""
+    return pipeline.stage_evaluate(cfg, train, manifest, split=split, timings=timings, refresh=refresh)
 
 
 #: The tasks by stage name.

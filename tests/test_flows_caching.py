@@ -41,6 +41,25 @@ def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[s
     return summary, states
 
 
+def assert_ui_artifacts() -> None:
+    """The metrics table, the Markdown report and a link to the confusion-matrix PNG are in the UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    # Prefect stores a link artifact as Markdown ``[text](url)``.
+    wanted = {"mpafer-tiny-metrics": "table", "mpafer-tiny-report": "markdown", "mpafer-tiny-confusion": "markdown"}
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted))))
+    kinds = {a.key: a.type for a in found}
+    assert kinds == wanted, kinds
+    link = next(a for a in found if a.key == "mpafer-tiny-confusion")
+    assert "file://" in str(link.data) and "confusion.png" in str(link.data)
+    table = next(a for a in found if a.key == "mpafer-tiny-metrics")
+    assert "mean_class_accuracy" in str(table.data)
+    report = next(a for a in found if a.key == "mpafer-tiny-report")
+    assert "Pipeline stages" in str(report.data) and "confusion.png" in str(report.data)
+
+
 def computed(states: dict[str, str]) -> list[str]:
     return [s for s in STAGES if states[s] != "Cached"]
 
@@ -55,6 +74,7 @@ def test_selective_reexecution_through_prefect(prefect_server: PrefectServer, tm
     assert Path(summary["summary_path"]).is_file() and Path(summary["report_path"]).is_file()
     assert (project / "prefect_results").is_dir(), "results persist in the project folder"
     first_accuracy = summary["accuracy"]
+    assert_ui_artifacts()
 
     summary, states = run_flow(cfg, "nothing changed", timings)
     assert all(v == "Cached" for v in states.values()), states

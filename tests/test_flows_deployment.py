@@ -102,7 +102,7 @@ def test_served_deployment_runs_caches_and_validates(prefect_server: PrefectServ
                           json.dumps({"config": {"model": {"variant": "bogus"}}}), timeout=60)
         output = bad.stdout + bad.stderr
         assert bad.returncode != 0, output
-        assert "variant" in output and "bogus" in output, output
+        assert "config.model.variant" in output and "bogus" in output, output
         assert "Created flow run" not in output
         print(f"[deployment] invalid parameters rejected: {output.strip().splitlines()[-1][:200]}")
     finally:
