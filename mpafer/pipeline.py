@@ -560,7 +560,11 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
 
 
 # ------------------------------------------------------------------------------------------ train
-TRAIN_RECORD = "train.json"
+#: The train stage's completion record in the run folder (``train.json`` there is the training loop's own
+#: result file, which evaluation reads: the record must not overwrite it).
+TRAIN_RECORD = "pipeline-train.json"
+#: The learned prompts a finished run holds (``mpafer.train.loop.PROMPTS_FILE``; what ``predict`` loads).
+PROMPTS_FILE = "prompts.safetensors"
 
 
 def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> str:
@@ -572,10 +576,38 @@ def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, pr
     )
 
 
+def _prompt_files(run_dir: Path, rec: dict[str, Any] | None = None) -> list[Path]:
+    """The learned-prompt files of a run (one per seed folder when the record lists seeds)."""
+    from mpafer.train.seeds import seed_dir
+
+    seeds = ((rec or {}).get("result") or {}).get("seeds")
+    if seeds:
+        return [seed_dir(run_dir, int(s)) / PROMPTS_FILE for s in seeds]
+    return [run_dir / PROMPTS_FILE]
+
+
+def _damaged_prompts(run_dir: Path) -> list[Path]:
+    """Prompt files under ``run_dir`` that exist but do not load (partial or corrupt)."""
+    from mpafer.train.predict import load_prompts
+
+    bad = []
+    for path in sorted(run_dir.glob(PROMPTS_FILE)) + sorted(run_dir.glob(f"seed-*/{PROMPTS_FILE}")):
+        try:
+            load_prompts(path)
+        except ArtifactError:
+            bad.append(path)
+    return bad
+
+
 def _train_record(run_dir: Path, key: str) -> dict[str, Any]:
+    """The completion record, verified: same key, and every learned-prompt file present and loadable."""
+    from mpafer.train.predict import load_prompts
+
     rec = _read_json(run_dir / TRAIN_RECORD)
     if rec.get("key") != key:
         raise ArtifactError(f"run {run_dir} was trained under another key")
+    for path in _prompt_files(run_dir, rec):
+        load_prompts(path)  # raises ArtifactError when missing or damaged
     return rec
 
 
@@ -622,6 +654,10 @@ def stage_train(
             return done(_train_record(run_dir, plan.key), True)
         if refresh and run_dir.exists():
             shutil.rmtree(run_dir)
+        for damaged in _damaged_prompts(run_dir) if run_dir.exists() else []:
+            # A finished run rewrites its prompts from the final checkpoint, but only when the file is absent.
+            log.warning("prompts file %s is damaged; rebuilding it from the run's checkpoint", damaged)
+            damaged.unlink()
         from mpafer.train import train
         from mpafer.train.seeds import seed_dir, seed_list
 

@@ -60,7 +60,11 @@ class StandIns:
         self._note("train")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "prompts.safetensors", "prompts")
+        import torch
+
+        from mpafer.train.predict import save_prompts
+
+        save_prompts(run_dir / "prompts.safetensors", {"ctx": torch.zeros(2)}, {"classes": ["a"]})
         return {"epochs": cfg.train.epochs, "completed": True}
 
     def evaluate(self, run_dir: Any, manifest_path: Any, split: str = "test", *, timings: Any = None,
@@ -233,6 +237,11 @@ def test_invalid_artifacts_are_rebuilt_and_refresh_forces(tmp_path: Path, stand_
     s4, calls = run(cfg, stand_ins)
     assert s4["executed"] == ["manifest"] and manifest.is_file()
 
+    prompts = Path(s["run_dir"]) / "prompts.safetensors"
+    prompts.write_bytes(prompts.read_bytes()[:20])  # damaged learned prompts: the run is not done
+    s4b, calls = run(cfg, stand_ins)
+    assert s4b["executed"] == ["train"] and calls == ["train"]
+
     s5, calls = run(cfg, stand_ins, refresh=("text_features",))
     assert s5["executed"] == ["text_features"] and calls == ["text_features"]
     s6, calls = run(cfg, stand_ins, refresh=("train",))
@@ -287,6 +296,8 @@ def test_real_pipeline_reference(tmp_path: Path) -> None:
     assert s["executed"] == ALL
     summary = json.loads(Path(s["summary_path"]).read_text())
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["classes"] == ["neutral", "happiness", "sadness"]
+    assert summary["n_train"] == 12 and summary["n_test"] == 12 and summary["epochs"] == 1
+    assert summary["config_key"], "evaluation read the training loop's own result file"
     assert Path(s["report_path"]).is_file() and all(Path(f).is_file() for f in s["figures"])
     assert set(summary["timings"]) >= {"manifest", "text_features", "prototypes"}
     again = P.run_pipeline(cfg)
