@@ -32,7 +32,7 @@ from mpafer.pipeline import STAGES, StageName, StageResult, prepare_config, refr
 #: The flows' default ``config`` parameter: ``configs/demo.yaml``.
 DEMO_CONFIG: Config = demo_config()
 
-#: What each stage needs upstream (besides itself).
+#: The stages a stage flow runs: itself and everything upstream of it.
 _NEEDS: dict[StageName, set[StageName]] = {
     "manifest": {"manifest"},
     "describe": {"manifest", "describe"},
