@@ -9,7 +9,7 @@ import typer
 
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, out
-from mpafer.errors import DataError
+from mpafer.errors import ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
 _SET_HELP = "Override a config field, e.g. --set train.epochs=5 (repeatable)."
@@ -29,15 +29,43 @@ def train(
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    devices: int | None = typer.Option(
+        None, "--devices", min=1,
+        help="Data-parallel processes on this node (torchrun; train.batch_size stays the global batch). "
+             "Default: train.devices.",
+    ),
 ) -> None:
     """Train the prompts (resumable); with train.seeds set, one run per seed plus test evaluation and mean ± std."""
+    import os
+
     from mpafer.train import train as train_run
     from mpafer.train import train_seeds
+    from mpafer.train.distributed import env_world_size, launch_torchrun
+    from mpafer.train.loop import resolve_device
 
     cfg = config_from_options(config, sets)
     _require_file(manifest, "manifest")
     _require_file(text_features, "text features")
     _require_file(prototypes, "prototypes")
+    n_proc = devices if devices is not None else cfg.train.devices
+    cfg.train.devices = n_proc
+    if cfg.train.seeds and (n_proc > 1 or env_world_size() > 1):
+        raise ConfigError("data-parallel training runs one seed per launch: unset train.seeds or use --devices 1")
+    if n_proc > 1 and env_world_size() == 1:
+        argv = ["train", "--manifest", str(manifest), "--run-dir", str(run_dir)]
+        for flag, value in (("--text-features", text_features), ("--prototypes", prototypes), ("--config", config)):
+            if value is not None:
+                argv += [flag, str(value)]
+        for item in sets or []:
+            argv += ["--set", item]
+        argv += ["--set", f"train.devices={n_proc}", "--progress" if progress else "--no-progress"]
+        code = launch_torchrun(n_proc, argv, resolve_device(cfg).type)
+        if code != 0:
+            raise SystemExit(code)
+        return
+    if int(os.environ.get("RANK", "0")) != 0:  # a launched non-zero rank: train, print nothing
+        train_run(cfg, manifest, text_features, prototypes, run_dir, progress=False)
+        return
     if cfg.train.seeds:
         agg = train_seeds(cfg, manifest, text_features, prototypes, run_dir, progress=progress)
         console.print(

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mpafer.errors import ConfigError
+from mpafer.model.visual_prompts import fused_block, is_fusable_block
 
 __all__ = [
     "TextTowerParts",
@@ -127,6 +129,14 @@ class FrozenTextEncoder(nn.Module):
         self.register_buffer("attn_mask", parts.attn_mask, persistent=False)
         self.pool_type = parts.pool_type
         self.eos_id = parts.eos_id
+        blocks = getattr(self.transformer, "resblocks", None)
+        #: Standard blocks and open_clip's causal mask: run the blocks through ``fused_block(is_causal=True)``.
+        self.fused = (
+            blocks is not None
+            and len(blocks) > 0
+            and all(is_fusable_block(b) for b in blocks)
+            and _is_causal_mask(parts.attn_mask)
+        )
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -160,10 +170,13 @@ class FrozenTextEncoder(nn.Module):
         cast = self.cast_dtype
         seq_len = embeddings.shape[1]
         x = embeddings.to(cast) + self.positional_embedding[:seq_len].to(cast)
-        mask = self.attn_mask
-        if mask is not None:
-            mask = mask[:seq_len, :seq_len]
-        x = self.transformer(x, attn_mask=mask)
+        if self.fused:
+            x = self._fused_transformer(x)
+        else:
+            mask = self.attn_mask
+            if mask is not None:
+                mask = mask[:seq_len, :seq_len]
+            x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id)
         proj = self.text_projection
@@ -174,9 +187,27 @@ class FrozenTextEncoder(nn.Module):
         x = x.to(torch.float32)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def _fused_transformer(self, x: Tensor) -> Tensor:
+        """The frozen blocks on batch-first ``x`` with causal fused attention (honours grad checkpointing)."""
+        ckpt = bool(getattr(self.transformer, "grad_checkpointing", False)) and torch.is_grad_enabled()
+        for block in self.transformer.resblocks:
+            if ckpt:
+                x = checkpoint(fused_block, block, x, True, use_reentrant=False)
+            else:
+                x = fused_block(block, x, is_causal=True)
+        return x
+
     def encode_token_ids(self, token_ids: Tensor, normalize: bool = True) -> Tensor:
         """Encode hard prompts given as token ids (equals open_clip's ``encode_text``)."""
         return self.forward(self.token_embedding(token_ids), token_ids, normalize=normalize)
+
+
+def _is_causal_mask(mask: Tensor | None) -> bool:
+    """Whether ``mask`` is open_clip's additive causal mask (``-inf`` above the diagonal, 0 elsewhere)."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
 
 
 def _eos_positions(token_ids: Tensor, pool_type: str, eos_id: int | None) -> Tensor:
@@ -193,6 +224,8 @@ class CoOpPromptLearner(nn.Module):
     ``ctx_init`` is given, from the frozen token embeddings of that text (then M is its token count and
     ``n_ctx`` is ignored, as in CoOp). Only ``ctx`` is a parameter; the SOS embedding (``prefix``), the
     class-name/period/EOS/padding embeddings (``suffix``) and the token ids (for EOS pooling) are buffers.
+    The sequences are cut after the longest prompt's EOS: the text tower is causal, so the EOS features
+    are those of the full-length prompts, at a fraction of the cost.
 
     Args:
         encoder: the frozen text tower (gives the token embedding and the pooling rule).
@@ -247,7 +280,11 @@ class CoOpPromptLearner(nn.Module):
                 f"class(es) {too_long}; use a smaller model.n_ctx or shorter class names"
             )
 
-        embedding = encoder.embed(token_ids)  # [C, L, W] float32, frozen
+        # Causal attention: the feature at EOS depends only on the tokens up to EOS, so the padding after
+        # the longest prompt's EOS is dropped (same features, several times less text-encoder work).
+        seq_len = int(eos_pos.max()) + 1
+        token_ids = token_ids[:, :seq_len].contiguous()
+        embedding = encoder.embed(token_ids)  # [C, L', W] float32, frozen
         width = embedding.shape[-1]
         self.n_ctx = n_ctx
         self.n_cls = n_cls

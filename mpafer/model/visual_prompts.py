@@ -12,8 +12,13 @@ Token layout inside the transformer: ``[CLS, P_1..P_Np, patch_1..patch_n]``.
   layer K are *kept* and carried through the remaining frozen layers (standard VPT-deep behaviour);
   the sequence length never changes, which keeps the forward compile-friendly.
 
-Every frozen block is called as it is (``block(x, attn_mask=None)``), so open_clip's fused attention
-(``nn.MultiheadAttention`` → ``scaled_dot_product_attention``) is used.
+Every frozen block runs through :func:`fused_block` when it is open_clip's standard
+``ResidualAttentionBlock`` (an ``nn.MultiheadAttention`` without extra key/value biases): the block's own
+weights, batch-first, with one ``F.scaled_dot_product_attention`` call (flash / memory-efficient kernels
+on the GPU, with or without gradients). ``nn.MultiheadAttention``'s own fast path only applies when no
+gradient is needed, and its slow path transposes the sequence to ``[T, B, W]`` and back and copies the
+packed projections; the fused block computes the same function without those copies. Other block types
+are called as they are (``block(x, attn_mask=None)``).
 
 Outputs (float32, L2-normalised, in the joint embedding space D):
 
@@ -40,9 +45,51 @@ from torch.utils.checkpoint import checkpoint
 
 from mpafer.errors import ConfigError
 
-__all__ = ["PromptedImageEncoder", "last_block_branch"]
+__all__ = ["PromptedImageEncoder", "fused_block", "is_fusable_block", "last_block_branch"]
 
 LocalFeatures = Literal["tokens", "vv"]
+
+
+def is_fusable_block(block: nn.Module) -> bool:
+    """Whether :func:`fused_block` reproduces ``block``: open_clip's plain ``ResidualAttentionBlock``.
+
+    Needs ``ln_1``, ``ln_2``, ``mlp``, ``ls_1``, ``ls_2`` and an ``nn.MultiheadAttention`` with packed
+    in-projection weights, no ``bias_k``/``bias_v``, no zero attention and no cross-attention norm.
+    """
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, nn.MultiheadAttention):
+        return False
+    if not all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")):
+        return False
+    if hasattr(block, "ln_1_kv") or not getattr(attn, "_qkv_same_embed_dim", False):
+        return False
+    if attn.in_proj_weight is None or attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+        return False
+    return attn.embed_dim % attn.num_heads == 0
+
+
+def fused_block(block: nn.Module, x: Tensor, is_causal: bool = False) -> Tensor:
+    """An open_clip ``ResidualAttentionBlock`` on batch-first ``x`` ``[B, T, W]`` with fused attention.
+
+    ``x + ls_1(attn(ln_1(x)))`` then ``+ ls_2(mlp(ln_2(.)))``, where the attention is one packed
+    in-projection, one ``F.scaled_dot_product_attention`` over ``[B, H, T, d_head]`` views (causal when
+    ``is_causal``, which equals open_clip's additive ``-inf`` upper-triangular mask) and the block's
+    ``out_proj``. Equals ``block(x)`` (batch-first blocks) up to floating-point rounding; see
+    :func:`is_fusable_block` for the blocks it applies to. Attention dropout is never applied (the
+    frozen towers run in eval mode).
+    """
+    attn = block.attn
+    bsz, n_tok, width = x.shape
+    n_heads = attn.num_heads
+    head_dim = width // n_heads
+    y = block.ln_1(x)
+    qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # [B, T, 3W]
+    q, k, v = qkv.view(bsz, n_tok, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    out = out.transpose(1, 2).reshape(bsz, n_tok, width)
+    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    h = x + block.ls_1(out)
+    return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
 def last_block_branch(block: nn.Module, x: Tensor, start: int, mode: Literal["qk", "vv"] = "vv") -> Tensor:
@@ -145,6 +192,8 @@ class PromptedImageEncoder(nn.Module):
         self.local_features = local_features
         self.return_local = bool(return_local)
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
+        #: Every block is a standard open_clip block: run them through :func:`fused_block`.
+        self.fused = all(is_fusable_block(b) for b in blocks)
         self.width = int(visual.class_embedding.shape[-1])
         grid = visual.grid_size
         self.n_patches = int(grid[0] * grid[1])
@@ -175,10 +224,19 @@ class PromptedImageEncoder(nn.Module):
         return torch.cat([x[:, :1], p, rest], dim=1)
 
     def _block(self, block: nn.Module, x: Tensor) -> Tensor:
-        """Call a frozen block as it is (honours open_clip's ``set_grad_checkpointing``)."""
+        """Run a frozen block on batch-first ``x`` (honours open_clip's ``set_grad_checkpointing``).
+
+        Standard blocks go through :func:`fused_block` (fused attention, no layout copies); others are
+        called as they are, in the transformer's own layout.
+        """
+        ckpt = self.visual.transformer.grad_checkpointing and torch.is_grad_enabled()
+        if self.fused:
+            if ckpt:
+                return checkpoint(fused_block, block, x, use_reentrant=False)
+            return fused_block(block, x)
         if not self.batch_first:
             x = x.transpose(0, 1)
-        if self.visual.transformer.grad_checkpointing and torch.is_grad_enabled():
+        if ckpt:
             x = checkpoint(block, x, None, None, None, use_reentrant=False)
         else:
             x = block(x, attn_mask=None)

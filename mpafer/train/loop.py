@@ -22,8 +22,18 @@
   ``checkpoints/``, ``prompts.safetensors`` (the learned prompts only).
 
 Data path: a ``DataLoader`` over :class:`~mpafer.data.images.ManifestDataset` (PIL decode + torchvision
-transforms in worker processes), or with ``image_cache`` on (``auto`` = CUDA) the training split decoded
-once into a uint8 tensor and augmented on the device (``decode_to_uint8_cache`` + ``gpu_augment``).
+transforms in worker processes; pinned memory, persistent workers on CUDA), or with ``image_cache`` on
+(``auto`` = CUDA) the training split decoded once into a uint8 tensor and augmented on the device
+(``decode_to_uint8_cache`` + ``gpu_augment``).
+
+Fast path (docs/PERFORMANCE.md): the forward pass *and* the losses form one function
+(:func:`make_step_fn`) that ``torch.compile`` captures as one graph (forward and backward); the frozen
+blocks use fused ``scaled_dot_product_attention``; the soft-prompt text features are computed once per
+step for all classes (the hard-prompt features are stored) and once per evaluation.
+
+Data parallel (``WORLD_SIZE > 1`` under torchrun, :mod:`mpafer.train.distributed`): ``train.batch_size``
+is the global batch; each rank trains on its slice of every global batch, the prompt gradients are
+averaged over the ranks, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from torch.utils.data import DataLoader
 
 from mpafer.artifacts import atomic_write_json, atomic_write_text, content_key, file_lock, sha256_file
 from mpafer.config import Config, TrainConfig
-from mpafer.errors import ArtifactError, ConfigError
+from mpafer.errors import ArtifactError, ConfigError, MpaferError
 from mpafer.train.checkpoint import (
     CHECKPOINT_DIR,
     capture_rng_state,
@@ -56,6 +66,16 @@ from mpafer.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from mpafer.train.distributed import (
+    DistContext,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    distributed_context,
+    env_world_size,
+    shard_bounds,
+)
 from mpafer.train.sampler import EpochBatchSampler, SeededTransformDataset, derive_seed
 
 __all__ = [
@@ -63,7 +83,11 @@ __all__ = [
     "RunInputs",
     "WarmupCosineSchedule",
     "build_model",
+    "compile_step",
+    "inductor_workarounds",
     "load_inputs",
+    "make_step_fn",
+    "make_train_batches",
     "resolve_amp",
     "resolve_compile",
     "resolve_device",
@@ -289,10 +313,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _console() -> Any:
+def _console(quiet: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, quiet=quiet)
 
 
 def _print_trainable(model: nn.Module, console: Any) -> int:
@@ -315,6 +339,50 @@ def _print_trainable(model: nn.Module, console: Any) -> int:
     console.print(f"trainable: {len(params)} tensors, {total:,} parameters "
                   f"({total * 4 / 1e6:.3f} MB in fp32); every other parameter is frozen")
     return total
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def make_step_fn(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> StepFn:
+    """``step(images, labels) -> (logits, losses)``: the forward pass under autocast plus the losses.
+
+    One function, so that ``torch.compile`` captures the forward pass and the losses as one graph (and
+    AOTAutograd the matching backward). The soft-prompt text features are computed once in it for all
+    classes; the losses run in float32 (the model disables autocast there).
+    """
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with _autocast(device, amp_dtype):
+            out = model(images)
+        return out.logits, model.loss(out, labels)  # type: ignore[operator]
+
+    return step
+
+
+def inductor_workarounds() -> None:
+    """Inductor settings the MPA-FER graphs need.
+
+    ``triton.coalesce_tiling_analysis`` off: on torch 2.11 (H100) compiling the full ViT-B/16 MPA-FER step
+    failed in Inductor's codegen with ``AssertionError`` in ``tiling_utils.get_pw_red_splits``, reached
+    from ``analyze_memory_coalescing`` (pytorch/pytorch#197077 describes the same assertion); that
+    analysis only refines the tiling heuristics of fused pointwise/reduction kernels, and ``codegen_node``
+    skips it when the flag is off.
+    """
+    import torch._inductor.config as inductor_config
+
+    triton_cfg = getattr(inductor_config, "triton", None)
+    if triton_cfg is not None and hasattr(triton_cfg, "coalesce_tiling_analysis"):
+        triton_cfg.coalesce_tiling_analysis = False
+
+
+def compile_step(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
+    """``torch.compile(fn)`` with :func:`inductor_workarounds` (``mode``: None/``default``,
+    ``reduce-overhead`` = CUDA graphs, ``max-autotune-no-cudagraphs``, ...)."""
+    inductor_workarounds()
+    if mode in (None, "", "default"):
+        return torch.compile(fn)
+    return torch.compile(fn, mode=mode)
 
 
 @torch.no_grad()
@@ -342,13 +410,15 @@ def run_inference(
             images = images.to(device, non_blocking=True)
             with _autocast(device, amp_dtype):
                 out = fwd(images, text_features=text_features)
-            logits_all.append(out.logits.float().cpu())
+            # stays on the device (a clone: compiled graphs may reuse their output buffers); one copy
+            # to the host at the end instead of a synchronising copy per batch
+            logits_all.append(out.logits.detach().float().clone())
             labels_all.append(torch.as_tensor(labels).cpu())
+        n_classes = len(getattr(model, "classnames", [])) or 0
+        logits = torch.cat(logits_all).cpu() if logits_all else torch.zeros(0, n_classes)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    n_classes = len(getattr(model, "classnames", [])) or 0
-    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, n_classes)
     labels_t = torch.cat(labels_all).long() if labels_all else torch.zeros(0, dtype=torch.long)
     preds = logits.argmax(dim=-1) if logits.numel() else torch.zeros(0, dtype=torch.long)
     return logits, labels_t, preds, seconds
@@ -367,14 +437,36 @@ def eval_loader(manifest: Any, split: str, transform: Any, cfg: Config,
 
 
 # ------------------------------------------------------------------------------------------ data paths
+class _ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """This rank's contiguous slice of every global batch of an :class:`EpochBatchSampler`.
+
+    With one process it yields the global batches unchanged. The epoch order, the augmentation seeds and
+    ``start_batch`` (resume) are those of the wrapped sampler, so sharding changes nothing but who loads
+    which images.
+    """
+
+    def __init__(self, sampler: EpochBatchSampler, dist_ctx: DistContext) -> None:
+        self.sampler = sampler
+        self.dist_ctx = dist_ctx
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            lo, hi = shard_bounds(len(batch), self.dist_ctx.rank, self.dist_ctx.world_size)
+            yield batch[lo:hi]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _LoaderBatches:
     """Training batches from a DataLoader over ``ManifestDataset`` with seeded per-item transforms."""
 
     def __init__(self, manifest: Any, transform: Any, train_cfg: TrainConfig, device: torch.device,
-                 labels: list[int], affectnet_crop: str) -> None:
+                 labels: list[int], affectnet_crop: str, dist_ctx: DistContext | None = None) -> None:
         from mpafer.data.images import ManifestDataset
 
         self.device = device
+        self.dist_ctx = dist_ctx or DistContext()
         self.sampler = EpochBatchSampler(labels, train_cfg.batch_size, train_cfg.seed, train_cfg.sampler)
         dataset = SeededTransformDataset(ManifestDataset(manifest, "train", transform, affectnet_crop=affectnet_crop))
         nw = train_cfg.num_workers
@@ -384,7 +476,7 @@ class _LoaderBatches:
             kwargs["prefetch_factor"] = 4
         self.loader = DataLoader(
             dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=_ShardedBatchSampler(self.sampler, self.dist_ctx),
             num_workers=nw,
             pin_memory=device.type == "cuda",
             worker_init_fn=_seed_worker,
@@ -413,11 +505,13 @@ class _CachedBatches:
     """
 
     def __init__(self, manifest: Any, image_size: int, mean: Any, std: Any, train_cfg: TrainConfig,
-                 device: torch.device, labels: list[int], affectnet_crop: str) -> None:
+                 device: torch.device, labels: list[int], affectnet_crop: str,
+                 dist_ctx: DistContext | None = None) -> None:
         from mpafer.data import images as img
 
         self.img = img
         self.device = device
+        self.dist_ctx = dist_ctx or DistContext()
         self.tc = train_cfg
         self.mean, self.std = tuple(mean), tuple(std)
         self.sampler = EpochBatchSampler(labels, train_cfg.batch_size, train_cfg.seed, train_cfg.sampler)
@@ -442,18 +536,41 @@ class _CachedBatches:
     def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch, 0)
         batches = self.sampler.epoch_batches()
+        rank, world = self.dist_ctx.rank, self.dist_ctx.world_size
         for b in range(start_batch, len(batches)):
-            idx = torch.tensor([i for i, _ in batches[b]], dtype=torch.long)
+            lo, hi = shard_bounds(len(batches[b]), rank, world)
+            idx = torch.tensor([i for i, _ in batches[b][lo:hi]], dtype=torch.long)
             x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
             y = self.labels.index_select(0, idx.to(self.labels.device))
             if self.tc.augment:
                 g = torch.Generator(device=self.device)
-                g.manual_seed(derive_seed("gpu-augment", self.tc.seed, epoch, b))
+                # one process: a function of (seed, epoch, batch); several: of the rank's shard too
+                parts = ("gpu-augment", self.tc.seed, epoch, b) + ((rank, world) if world > 1 else ())
+                g.manual_seed(derive_seed(*parts))
                 x = self.img.gpu_augment(x, self.mean, self.std, self.tc.crop_scale_min, self.tc.erasing_p,
                                          generator=g)
             else:
                 x = self.img.normalize_uint8(x, self.mean, self.std)
             yield x, y
+
+
+def make_train_batches(manifest: Any, backbone: Any, cfg: Config, device: torch.device, labels: list[int],
+                       use_cache: bool, dist_ctx: DistContext | None = None) -> Any:
+    """The training batches of ``manifest``'s train split: the uint8 cache + device augmentation path when
+    ``use_cache``, else the DataLoader path (train transform, or the test transform without augmentation).
+
+    The result has ``steps_per_epoch`` and ``epoch(epoch, start_batch)`` (an iterator of
+    ``(images, labels)`` on ``device``: this rank's shard of every global batch).
+    """
+    tc = cfg.train
+    if use_cache:
+        return _CachedBatches(manifest, backbone.image_size, backbone.mean, backbone.std, tc, device, labels,
+                              cfg.data.affectnet_crop, dist_ctx)
+    from mpafer.data.images import clip_transforms
+
+    train_tf, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, tc)
+    return _LoaderBatches(manifest, train_tf if tc.augment else test_tf, tc, device, labels,
+                          cfg.data.affectnet_crop, dist_ctx)
 
 
 # ------------------------------------------------------------------------------------------ run files
@@ -507,15 +624,19 @@ def _prompt_metadata(cfg: Config, backbone: Any, classes: list[str], key: str) -
 class _Trainer:
     """One training run; state lives here so that checkpoints can capture and restore all of it."""
 
-    def __init__(self, cfg: Config, inputs: RunInputs, run_dir: Path, key: str, progress: bool) -> None:
+    def __init__(self, cfg: Config, inputs: RunInputs, run_dir: Path, key: str, progress: bool,
+                 dist_ctx: DistContext | None = None) -> None:
         self.cfg = cfg
         self.tc = cfg.train
         self.inputs = inputs
         self.run_dir = run_dir
         self.key = key
-        self.progress = progress
-        self.console = _console()
+        self.dist = dist_ctx or DistContext()
+        self.progress = progress and self.dist.is_main
+        self.console = _console(quiet=not self.dist.is_main)
         self.device = resolve_device(cfg)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = resolve_amp(self.tc, self.device)
         self.use_compile = resolve_compile(self.tc, self.device)
         self.use_cache = resolve_image_cache(self.tc, self.device)
@@ -533,7 +654,7 @@ class _Trainer:
         self.step_fn: Callable[..., Any] = self._forward_loss
         self.compile_checked = not (self.use_compile and self.learns)
         if self.use_compile and self.learns:
-            self.step_fn = torch.compile(self._forward_loss)
+            self.step_fn = compile_step(self._forward_loss)
 
         from mpafer.data.images import clip_transforms
 
@@ -569,10 +690,10 @@ class _Trainer:
         if self.use_cache:
             return _CachedBatches(self.inputs.manifest, self.backbone.image_size, self.backbone.mean,
                                   self.backbone.std, self.tc, self.device, self.train_labels,
-                                  self.cfg.data.affectnet_crop)
+                                  self.cfg.data.affectnet_crop, self.dist)
         tf = self.train_tf if self.tc.augment else self.test_tf
         return _LoaderBatches(self.inputs.manifest, tf, self.tc, self.device, self.train_labels,
-                              self.cfg.data.affectnet_crop)
+                              self.cfg.data.affectnet_crop, self.dist)
 
     # -------------------------------------------------------------------------------- checkpoints
     def _state(self, finished: bool, result: dict[str, Any] | None) -> dict[str, Any]:
@@ -601,9 +722,34 @@ class _Trainer:
             "prompt_meta": _prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key),
         }
 
-    def save(self, finished: bool = False, result: dict[str, Any] | None = None) -> Path:
+    def save(self, finished: bool = False, result: dict[str, Any] | None = None) -> Path | None:
+        """Write a checkpoint (rank 0 only; with several ranks the epoch's sums are gathered first)."""
+        self._sync_accum(final=False)
+        if not self.dist.is_main:
+            return None
         return save_checkpoint(self.run_dir / CHECKPOINT_DIR, self._state(finished, result), self.global_step,
                                self.tc.keep_checkpoints)
+
+    def _sync_accum(self, final: bool) -> None:
+        """Sum the epoch's loss/accuracy sums and image counts over the ranks (no-op for one process).
+
+        ``final`` (epoch end): every rank gets the global sums. Otherwise (before a checkpoint) rank 0
+        holds the global sums and the other ranks restart from zero, so that the sum over the ranks
+        stays the global value and a checkpoint written by rank 0 holds it.
+        """
+        if not self.dist.enabled:
+            return
+        names = sorted(self.accum)
+        vec = torch.tensor([float(self.seen)], dtype=torch.float64, device=self.device)
+        if names:
+            vec = torch.cat([torch.stack([self.accum[n].reshape(()) for n in names]), vec])
+        all_reduce_sum(vec, self.dist)
+        if final or self.dist.is_main:
+            self.accum = {n: vec[i].clone() for i, n in enumerate(names)}
+            self.seen = int(round(float(vec[-1].item())))
+        else:
+            self.accum = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in names}
+            self.seen = 0
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if state.get("config_key") != self.key:
@@ -627,6 +773,9 @@ class _Trainer:
         self.train_time = float(state["train_time_s"])
         self.step_time = float(state["step_time_s"])
         self.step_images = int(state["step_images"])
+        if not self.dist.is_main:  # rank 0's checkpoint holds the global sums: count them once
+            self.accum = {k: torch.zeros_like(v) for k, v in self.accum.items()}
+            self.seen = 0
 
     # -------------------------------------------------------------------------------- loop
     def _reset_epoch(self) -> None:
@@ -637,10 +786,11 @@ class _Trainer:
         self.timed_images = 0
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and loss parts of one batch (encoders under autocast; the losses run in fp32)."""
-        with _autocast(self.device, self.amp_dtype):
-            out = self.model(images)
-        return out.logits, self.model.loss(out, labels)  # type: ignore[operator]
+        """Logits and loss parts of one batch (encoders under autocast; the losses run in fp32).
+
+        :func:`make_step_fn`'s step, which ``mpafer bench train-step`` measures.
+        """
+        return make_step_fn(self.model, self.device, self.amp_dtype)(images, labels)
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         assert self.optimizer is not None
@@ -662,6 +812,7 @@ class _Trainer:
                 logits, losses = self.step_fn(images, labels)
                 losses["total"].backward()
             self.compile_checked = True
+        all_reduce_gradients(self.params, self.dist)  # mean over the ranks' shards (no-op for one process)
         if self.tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
         self.optimizer.step()
@@ -681,7 +832,7 @@ class _Trainer:
         self.seen += bs
 
     def _val_metrics(self) -> dict[str, Any]:
-        if self.n_val == 0:
+        if self.n_val == 0 or not self.dist.is_main:  # rank 0 evaluates; the row is broadcast
             return {}
         from mpafer.train.metrics import classification_metrics
 
@@ -725,6 +876,7 @@ class _Trainer:
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32",
             "compiled": bool(self.use_compile and self.learns),
             "image_cache": bool(self.use_cache and self.learns),
+            "processes": self.dist.world_size,
             "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
                           "metrics": METRICS_FILE, "checkpoints": CHECKPOINT_DIR, "train": TRAIN_RESULT_FILE},
         }
@@ -737,10 +889,12 @@ class _Trainer:
     def _finish(self) -> dict[str, Any]:
         result = self._result()
         self.save(finished=True, result=result)
-        _write_metrics(self.run_dir, self.history)
-        _write_prompts(self.run_dir, self.model.prompt_state_dict(),
-                       _prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key))
-        atomic_write_json(self.run_dir / TRAIN_RESULT_FILE, result)
+        if self.dist.is_main:
+            _write_metrics(self.run_dir, self.history)
+            _write_prompts(self.run_dir, self.model.prompt_state_dict(),
+                           _prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key))
+            atomic_write_json(self.run_dir / TRAIN_RESULT_FILE, result)
+        barrier(self.dist)  # the files exist when any rank returns
         return result
 
     def run(self, resume: Mapping[str, Any] | None, max_steps: int | None,
@@ -752,6 +906,9 @@ class _Trainer:
                                f"(global step {self.global_step})")
         if not self.learns:
             return self._finish()
+        if self.dist.enabled and resume is None:  # identical start on every rank, whatever the device RNGs
+            for p in self.params:
+                torch.distributed.broadcast(p.data, src=0)
 
         data = self._train_batches()
         steps = data.steps_per_epoch
@@ -770,7 +927,7 @@ class _Trainer:
                     self._train_step(images, labels)
                     if self.device.type == "cuda" and (self.global_step + 1) % self.tc.log_every_steps == 0:
                         torch.cuda.synchronize(self.device)
-                    bs = int(labels.shape[0])
+                    bs = int(labels.shape[0]) * self.dist.world_size  # global batch (equal shards)
                     self.step_in_epoch += 1
                     self.global_step += 1
                     now = time.perf_counter()
@@ -803,7 +960,8 @@ class _Trainer:
                             return self._partial()
                         t_mark = time.perf_counter()
                 # epoch end
-                row = self._epoch_row(lr)
+                self._sync_accum(final=True)
+                row = broadcast_object(self._epoch_row(lr), self.dist)
                 self.history.append(row)
                 self.console.print(self._row_text(row))
                 self.epoch += 1
@@ -817,7 +975,8 @@ class _Trainer:
                         on_step(self.global_step)
                     return result
                 self.save()
-                _write_metrics(self.run_dir, self.history)
+                if self.dist.is_main:
+                    _write_metrics(self.run_dir, self.history)
                 if on_step is not None:
                     on_step(self.global_step)
                 if max_steps is not None and self.global_step >= max_steps:
@@ -889,22 +1048,65 @@ def train(
     many optimisation steps are done and returns ``{"completed": False, ...}``; ``on_step(global_step)``
     is called after each step (and after its checkpoint, if any) — an exception raised there aborts
     the run as a crash would.
+
+    Under torchrun (``WORLD_SIZE > 1``) every process calls this: they join the process group, rank 0
+    prepares the run directory and reads the checkpoint, the others receive its state, and each trains on
+    its shard of every global batch (:mod:`mpafer.train.distributed`).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(run_dir / ".train"):
-        inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path)
-        key = training_key(cfg, inputs.input_keys)
-        _prepare_run_dir(run_dir, cfg, key, inputs)
-        ckpt_dir = run_dir / CHECKPOINT_DIR
-        clean_stale_temporaries(ckpt_dir)
-        latest = load_latest_valid(ckpt_dir)
-        state = latest[1] if latest is not None else None
-        if state is not None and state.get("config_key") != key:
-            raise ArtifactError(f"checkpoints in {ckpt_dir} belong to another run (config key differs)")
-        if state is not None and state.get("finished"):
-            _ensure_final_artifacts(run_dir, state)
-            return dict(state["result"])
-        with deterministic_algorithms(resolve_device(cfg).type == "cpu"):
-            trainer = _Trainer(cfg, inputs, run_dir, key, progress)
-            return trainer.run(state, max_steps, on_step)
+    device = resolve_device(cfg)
+    if cfg.train.devices > 1 and env_world_size() == 1:
+        raise ConfigError(
+            f"train.devices={cfg.train.devices} needs one process per device: launch with "
+            f"`mpafer train --devices {cfg.train.devices} ...` (torchrun), or set train.devices=1"
+        )
+    with distributed_context(device.type) as dctx:
+        if dctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(run_dir / ".train") if dctx.is_main else contextlib.nullcontext()
+        with lock:
+            inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path)
+            key = training_key(cfg, inputs.input_keys)
+            if dctx.enabled:
+                _check_shards(cfg, len(inputs.manifest.items("train")), dctx.world_size)
+            payload: tuple[str, Any] = ("ok", None)
+            if dctx.is_main:
+                try:
+                    payload = ("ok", _prepare_and_load(run_dir, cfg, key, inputs))
+                except MpaferError as exc:
+                    payload = ("error", exc)
+            payload = broadcast_object(payload, dctx)
+            if payload[0] == "error":
+                raise payload[1]
+            state = payload[1]
+            if state is not None and state.get("finished"):
+                if dctx.is_main:
+                    _ensure_final_artifacts(run_dir, state)
+                barrier(dctx)
+                return dict(state["result"])
+            with deterministic_algorithms(device.type == "cpu"):
+                trainer = _Trainer(cfg, inputs, run_dir, key, progress, dctx)
+                return trainer.run(state, max_steps, on_step)
+
+
+def _prepare_and_load(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> dict[str, Any] | None:
+    """Write the run files and return the newest valid checkpoint's state (``None`` for a fresh run)."""
+    _prepare_run_dir(run_dir, cfg, key, inputs)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    clean_stale_temporaries(ckpt_dir)
+    latest = load_latest_valid(ckpt_dir)
+    state = latest[1] if latest is not None else None
+    if state is not None and state.get("config_key") != key:
+        raise ArtifactError(f"checkpoints in {ckpt_dir} belong to another run (config key differs)")
+    return state
+
+
+def _check_shards(cfg: Config, n_train: int, world_size: int) -> None:
+    """Several processes need every global batch to split evenly (equal shards ⇒ exact gradient mean)."""
+    bs = cfg.train.batch_size
+    global_batch = bs if n_train >= bs else n_train  # drop_last once a full batch exists
+    if global_batch % world_size != 0:
+        raise ConfigError(
+            f"train.batch_size={bs} (global batch {global_batch} for {n_train} training images) must be a "
+            f"multiple of the number of processes ({world_size})"
+        )

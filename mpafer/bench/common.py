@@ -1,0 +1,280 @@
+"""Shared pieces of the benchmarks: the synthetic MPA-FER model, devices, peaks, FLOP counting, profiles."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpafer.config import CANONICAL_CLASSES, ClipConfig, ModelConfig
+from mpafer.errors import ConfigError
+
+__all__ = [
+    "DATASHEET_PEAK_TFLOPS",
+    "MEASURED_PEAK_TFLOPS",
+    "ModelSpec",
+    "SyntheticTargets",
+    "base_record",
+    "build_bench_model",
+    "class_names",
+    "compile_failure",
+    "count_flops",
+    "device_name",
+    "measure_matmul_tflops",
+    "peak_tflops",
+    "resolve_amp_dtype",
+    "resolve_bench_device",
+    "sync",
+    "write_profile",
+]
+
+#: Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), matched against the device name.
+DATASHEET_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0}
+#: What a large bf16 matrix product reaches on these cards here (DESIGN.md, "Performance facts").
+MEASURED_PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The benchmarked model: full MPA-FER by default (METHOD.md §1 sizes) on a random-init CLIP."""
+
+    model: str = "ViT-B-16"
+    pretrained: str = "none"
+    precision: str = "fp32"
+    classes: int = 7
+    variant: str = "mpa"
+    n_ctx: int = 10
+    n_visual_tokens: int = 8
+    vpt_depth: int | None = None
+    topk: int = 16
+    local_features: str = "tokens"
+    descriptions_per_class: int = 5
+    #: ``fused`` (one scaled_dot_product_attention per block, the default) or ``module`` (open_clip's
+    #: blocks called as they are: nn.MultiheadAttention) — for A/B measurements of the fused path.
+    attention: str = "fused"
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            variant=self.variant,  # type: ignore[arg-type]
+            n_ctx=self.n_ctx,
+            n_visual_tokens=self.n_visual_tokens,
+            vpt_depth=self.vpt_depth,
+            topk=self.topk,
+            local_features=self.local_features,  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class SyntheticTargets:
+    """Random stand-ins for the hard-prompt text targets (``mpafer.clip.text_features.TextTargets``)."""
+
+    class_targets: torch.Tensor
+    prompt_features: torch.Tensor
+    prompt_labels: torch.Tensor
+    token_means: torch.Tensor
+
+
+def class_names(n: int) -> list[str]:
+    """``n`` class names: the canonical expressions first, then ``expression <k>``."""
+    if n < 2:
+        raise ConfigError(f"--classes must be at least 2, got {n}")
+    names = list(CANONICAL_CLASSES[:n])
+    names += [f"expression {k}" for k in range(len(names), n)]
+    return names
+
+
+def resolve_bench_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a :class:`ConfigError`."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: invalid value {name!r}; allowed: auto, cpu, cuda")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu (N threads)``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` = bf16 on CUDA, none (fp32) on the CPU; else ``bf16``/``fp16``/``fp32``."""
+    if amp not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"--amp: invalid value {amp!r}; allowed: auto, bf16, fp16, fp32")
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_bench_model(spec: ModelSpec, device: torch.device, seed: int = 0) -> tuple[Any, nn.Module]:
+    """The frozen backbone and the MPA-FER module with random targets and prototypes, on ``device``."""
+    from mpafer.clip.backbone import load_backbone
+    from mpafer.model import MPAFER
+
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    backbone = load_backbone(
+        ClipConfig(model=spec.model, pretrained=spec.pretrained, device=device.type,  # type: ignore[arg-type]
+                   precision=spec.precision)  # type: ignore[arg-type]
+    )
+    names = class_names(spec.classes)
+    g = torch.Generator().manual_seed(seed)
+    d, w, c = int(backbone.embed_dim), int(backbone.token_width), len(names)
+    per_class = 2 + spec.descriptions_per_class  # coarse + task + fine prompts
+    targets = SyntheticTargets(
+        class_targets=torch.randn(c, d, generator=g),
+        prompt_features=torch.randn(c * per_class, d, generator=g),
+        prompt_labels=torch.arange(c).repeat_interleave(per_class),
+        token_means=torch.randn(c * per_class, w, generator=g) * 0.02,
+    )
+    prototypes = torch.randn(c, d, generator=g)
+    torch.manual_seed(seed)
+    model = MPAFER(backbone, names, spec.model_config(), targets, prototypes).to(device)
+    if spec.attention not in ("fused", "module"):
+        raise ConfigError(f"--attention: invalid value {spec.attention!r}; allowed: fused, module")
+    if spec.attention == "module":
+        model.image.fused = False
+        if model.text is not None:
+            model.text.encoder.fused = False
+    return backbone, model
+
+
+def base_record(bench: str, device: torch.device, spec: ModelSpec | None = None, **extra: Any) -> dict[str, Any]:
+    """The fields every record starts with."""
+    rec: dict[str, Any] = {"bench": bench, "device": device_name(device), "device_type": device.type,
+                           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "cpu_count": os.cpu_count()}
+    if spec is not None:
+        rec["model"] = spec.model
+        rec["config"] = asdict(spec)
+    rec.update(extra)
+    return rec
+
+
+def compile_failure(exc: BaseException) -> str:
+    """One line for a record (``compile_error``) and the traceback's tail on stderr (the log)."""
+    import sys
+    import traceback
+
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
+    print(f"torch.compile failed; measuring eagerly instead:\n{tail}", file=sys.stderr, flush=True)
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+# ------------------------------------------------------------------------------------------ peaks
+def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None, str | None, float | None]:
+    """``(peak used for the utilisation, where it comes from, measured reference)`` in TFLOP/s.
+
+    ``given`` (``--peak-tflops``) wins; else the datasheet's dense bf16 peak for an H100/H200 (989), with
+    DESIGN.md's measured ~790 as the reference; else nothing (no utilisation is reported).
+    """
+    reference = None
+    name = device_name(device) if device.type == "cuda" else ""
+    for key, value in MEASURED_PEAK_TFLOPS.items():
+        if key in name:
+            reference = value
+    if given is not None:
+        return float(given), "--peak-tflops", reference
+    for key, value in DATASHEET_PEAK_TFLOPS.items():
+        if key in name:
+            return value, f"{key} datasheet dense bf16", reference
+    return None, None, reference
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                          seconds: float = 0.5) -> float | None:
+    """TFLOP/s of a large random ``n × n`` matrix product on ``device`` (CUDA only; ``None`` on the CPU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            torch.mm(a, b)
+        reps += 10
+        sync(device)
+    elapsed = time.perf_counter() - t0
+    return 2.0 * n**3 * reps / elapsed / 1e12
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def _sdpa_cpu_flop_mapping() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the CPU flash-attention kernels, which ``FlopCounterMode`` does not count itself."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    mapping: dict[Any, Callable[..., int]] = {}
+
+    def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(sdpa_flop_count(q, k, v))
+
+    def bwd(go: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(sdpa_backward_flop_count(go, q, k, v))
+
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", fwd),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", bwd)):
+        op = getattr(aten, name, None)
+        if op is not None:
+            mapping[op] = fn
+    return mapping
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of ``fn()`` (matrix products, convolutions, attention), by ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_flop_mapping()) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------------ profiles
+def write_profile(fn: Callable[[], Any], device: torch.device, steps: int, path: str | os.PathLike[str],
+                  title: str, row_limit: int = 30) -> str:
+    """Run ``fn`` ``steps`` times under ``torch.profiler`` and write the top operators to ``path``.
+
+    Sorted by device time on CUDA (self time, so nested ops are not counted twice), by CPU time otherwise.
+    Returns the path written.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=sort, row_limit=row_limit)
+    except (AttributeError, KeyError, RuntimeError):  # older/newer naming of the device column
+        sort = "self_device_time_total" if device.type == "cuda" else sort
+        table = prof.key_averages().table(sort_by=sort, row_limit=row_limit)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {title}\n# {steps} steps on {device_name(device)}, sorted by {sort}\n{table}\n")
+    return str(out)

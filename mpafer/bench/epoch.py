@@ -1,0 +1,201 @@
+"""``mpafer bench epoch``: whole training epochs end to end, data loading included, and the protocol estimate.
+
+A RAF-DB-sized set (default 12,271 JPEGs of 100×100, RAF-DB's aligned training set) is generated once,
+fed through the training loop's own data path (:func:`mpafer.train.loop.make_train_batches`: the uint8
+cache + device augmentation with ``image_cache`` on — the default on CUDA — or the PIL DataLoader) into the
+loop's own step (:func:`mpafer.train.loop.make_step_fn`, compiled on CUDA by default) and an SGD update.
+
+Reported: ``setup_s`` (building the data path: the one-off decode into the cache), ``warmup_s`` (the first
+``warmup`` steps: compilation), the wall time of each timed epoch and its images/s, and
+``estimate_protocol_min``: ``setup_s + warmup_s + protocol_epochs × epoch_s`` — with ``--batch-size 32``
+and 120 epochs, the paper's protocol (METHOD.md §5) on RAF-DB. Evaluation is not included (RAF-DB has no
+validation split by default; the final test pass of 3,068 images is a second or less).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpafer.bench.common import (
+    ModelSpec,
+    amp_name,
+    base_record,
+    build_bench_model,
+    compile_failure,
+    resolve_amp_dtype,
+    resolve_bench_device,
+    sync,
+    write_profile,
+)
+from mpafer.bench.data import ItemList, make_jpeg_set
+from mpafer.config import build_config
+from mpafer.errors import ConfigError
+
+__all__ = ["run_epoch_bench"]
+
+
+def run_epoch_bench(
+    spec: ModelSpec,
+    *,
+    n_images: int = 12271,
+    source_size: int = 100,
+    batch_size: int = 32,
+    epochs: int = 1,
+    warmup: int = 3,
+    device: str = "auto",
+    amp: str = "auto",
+    compile: bool | None = None,
+    compile_mode: str = "default",
+    image_cache: str = "auto",
+    num_workers: int | None = None,
+    augment: bool = True,
+    protocol_epochs: int = 120,
+    work_dir: str | os.PathLike[str] | None = None,
+    profile_out: str | None = None,
+    profile_steps: int = 5,
+) -> dict[str, Any]:
+    """Time ``epochs`` full training epochs (after ``warmup`` steps) on ``n_images`` generated JPEGs.
+
+    ``image_cache``: ``auto`` (on for CUDA), ``on`` or ``off``; ``num_workers`` (DataLoader path) defaults
+    to one fewer than the CPUs. Epochs are the loop's: a seeded permutation, full batches only.
+    """
+    from mpafer.train.loop import compile_step, make_step_fn, make_train_batches, resolve_image_cache
+
+    if n_images < batch_size or batch_size < 1:
+        raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
+    if epochs < 1 or warmup < 0 or protocol_epochs < 1:
+        raise ConfigError("--epochs and --protocol-epochs must be at least 1, --warmup at least 0")
+    if image_cache not in ("auto", "on", "off"):
+        raise ConfigError(f"--image-cache: invalid value {image_cache!r}; allowed: auto, on, off")
+    dev = resolve_bench_device(device)
+    amp_dtype = resolve_amp_dtype(amp, dev)
+    use_compile = dev.type == "cuda" if compile is None else bool(compile)
+    nw = max(0, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
+    cfg = build_config({
+        "clip": {"model": spec.model, "pretrained": spec.pretrained, "precision": spec.precision,
+                 "device": dev.type},
+        "train": {"batch_size": batch_size, "num_workers": nw, "augment": augment, "image_cache": image_cache,
+                  "device": dev.type, "epochs": max(1, protocol_epochs), "warmup_epochs": 0},
+    })
+    use_cache = resolve_image_cache(cfg.train, dev)
+
+    with tempfile.TemporaryDirectory(prefix="mpafer-bench-epoch-") as tmp:
+        base = Path(work_dir) if work_dir is not None else Path(tmp)
+        root = base / f"jpeg{source_size}-{n_images}"
+        t0 = time.perf_counter()
+        items = make_jpeg_set(root, n_images, source_size, n_classes=spec.classes)
+        generate_s = time.perf_counter() - t0
+
+        backbone, model = build_bench_model(spec, dev)
+        model.train()
+        params = [p for _, p in model.trainable_named_parameters()]  # type: ignore[operator]
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4)
+        eager = make_step_fn(model, dev, amp_dtype)
+        fn = compile_step(eager, compile_mode) if use_compile else eager
+
+        current = {"fn": fn}
+
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            _, losses = current["fn"](images, labels)
+            losses["total"].backward()
+            optimizer.step()
+            return losses["total"].detach()
+
+        classes = [f"c{k}" for k in range(spec.classes)]
+        labels_list = [y for _, y in items]
+        t0 = time.perf_counter()
+        data = make_train_batches(ItemList(root, classes, items), backbone, cfg, dev, labels_list, use_cache)
+        sync(dev)
+        setup_s = time.perf_counter() - t0
+        steps_per_epoch = int(data.steps_per_epoch)
+
+        compile_error = None
+        t0 = time.perf_counter()
+        it = data.epoch(0, 0)
+        first = next(it)
+        try:
+            step(*first)
+            sync(dev)
+        except Exception as exc:  # compiler failures: report them, measure eagerly
+            if not use_compile:
+                raise
+            compile_error = compile_failure(exc)
+            use_compile, current["fn"] = False, eager
+            step(*first)
+        for _ in range(min(warmup, steps_per_epoch) - 1):
+            step(*next(it))
+        del it, first
+        sync(dev)
+        warmup_s = time.perf_counter() - t0
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        epoch_times: list[float] = []
+        n_per_epoch = 0
+        last = torch.zeros(())
+        for e in range(1, epochs + 1):
+            n_per_epoch = 0
+            t0 = time.perf_counter()
+            for images, labels in data.epoch(e, 0):
+                last = step(images, labels)
+                n_per_epoch += int(labels.shape[0])
+            sync(dev)
+            epoch_times.append(time.perf_counter() - t0)
+
+        profile = None
+        if profile_out:
+            it = data.epoch(epochs + 1, 0)
+
+            def one() -> None:
+                images, labels = next(it)
+                step(images, labels)
+
+            profile = write_profile(one, dev, min(profile_steps, steps_per_epoch), profile_out,
+                                    f"epoch steps {spec.model} batch {batch_size} "
+                                    f"{'cache' if use_cache else 'loader'} "
+                                    f"{'compiled' if use_compile else 'eager'}")
+            del it
+
+    epoch_s = statistics.median(epoch_times)
+    estimate_s = setup_s + warmup_s + protocol_epochs * epoch_s
+    rec = base_record("epoch", dev, spec)
+    rec.update({
+        "n_images": n_images,
+        "source_size": source_size,
+        "image_size": int(backbone.image_size),
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "images_per_epoch": n_per_epoch,
+        "epochs_timed": epochs,
+        "data_path": "cache" if use_cache else "loader",
+        "num_workers": None if use_cache else nw,
+        "augment": augment,
+        "amp": amp_name(amp_dtype),
+        "compiled": use_compile,
+        "compile_mode": compile_mode if use_compile else None,
+        "compile_error": compile_error,
+        "generate_s": round(generate_s, 2),
+        "setup_s": round(setup_s, 3),
+        "warmup_s": round(warmup_s, 2),
+        "epoch_s": round(epoch_s, 3),
+        "epoch_times_s": [round(t, 3) for t in epoch_times],
+        "images_per_s": round(n_per_epoch / epoch_s, 1),
+        "protocol_epochs": protocol_epochs,
+        "estimate_protocol_min": round(estimate_s / 60.0, 2),
+        "estimate_protocol_steady_min": round(protocol_epochs * epoch_s / 60.0, 2),
+        "paper_protocol": batch_size == 32 and protocol_epochs == 120,
+        "loss": float(last.item()),
+    })
+    if dev.type == "cuda":
+        rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+    if profile is not None:
+        rec["profile"] = profile
+    return rec
