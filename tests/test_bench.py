@@ -82,13 +82,14 @@ def test_epoch_runs_whole_epochs_and_estimates_the_protocol(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     common = ["epoch", *TINY, "--images", "32", "--source-size", "40", "--batch-size", "8", "--warmup", "1",
               "--work-dir", str(tmp_path)]
-    rec = _run(capsys, [*common, "--image-cache", "off", "--num-workers", "0", "--epochs", "2"])
+    rec = _run(capsys, [*common, "--image-cache", "off", "--num-workers", "0", "--epochs", "2", "--step-steps", "0"])
     assert rec["data_path"] == "loader" and rec["steps_per_epoch"] == 4 and rec["images_per_epoch"] == 32
-    assert len(rec["epoch_times_s"]) == 2 and rec["images_per_s"] > 0
+    assert len(rec["epoch_times_s"]) == 2 and rec["images_per_s"] > 0 and rec["step_images_per_s"] is None
     assert rec["estimate_protocol_min"] >= rec["estimate_protocol_steady_min"] > 0
     assert rec["protocol_epochs"] == 120 and rec["paper_protocol"] is False
     cached = _run(capsys, [*common, "--image-cache", "on", "--protocol-epochs", "3"])
     assert cached["data_path"] == "cache" and cached["protocol_epochs"] == 3
+    assert cached["step_images_per_s"] > 0 and cached["step_ms"] > 0
 
 
 def test_bad_options_fail_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -258,8 +258,21 @@ def write_profile(fn: Callable[[], Any], device: torch.device, steps: int, path:
     """Run ``fn`` ``steps`` times under ``torch.profiler`` and write the top operators to ``path``.
 
     Sorted by device time on CUDA (self time, so nested ops are not counted twice), by CPU time otherwise.
-    Returns the path written.
+    Returns the path written, or ``error: ...`` when profiling failed (the measurement is kept either way;
+    the traceback goes to stderr).
     """
+    try:
+        return _write_profile(fn, device, steps, path, title, row_limit)
+    except Exception as exc:  # profiler back-ends vary by machine (CUPTI, sandboxes): never lose the record
+        import sys
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        return f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _write_profile(fn: Callable[[], Any], device: torch.device, steps: int, path: str | os.PathLike[str],
+                   title: str, row_limit: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

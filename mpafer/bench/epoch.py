@@ -57,6 +57,7 @@ def run_epoch_bench(
     num_workers: int | None = None,
     augment: bool = True,
     protocol_epochs: int = 120,
+    step_steps: int = 20,
     work_dir: str | os.PathLike[str] | None = None,
     profile_out: str | None = None,
     profile_steps: int = 5,
@@ -64,14 +65,16 @@ def run_epoch_bench(
     """Time ``epochs`` full training epochs (after ``warmup`` steps) on ``n_images`` generated JPEGs.
 
     ``image_cache``: ``auto`` (on for CUDA), ``on`` or ``off``; ``num_workers`` (DataLoader path) defaults
-    to one fewer than the CPUs. Epochs are the loop's: a seeded permutation, full batches only.
+    to one fewer than the CPUs. Epochs are the loop's: a seeded permutation, full batches only. At least
+    one warm-up step runs. Afterwards ``step_steps`` steps on one fixed batch (no data loading) give
+    ``step_images_per_s``, the same process's step alone, for comparison with the epoch.
     """
     from mpafer.train.loop import compile_step, make_step_fn, make_train_batches, resolve_image_cache
 
     if n_images < batch_size or batch_size < 1:
         raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
-    if epochs < 1 or warmup < 0 or protocol_epochs < 1:
-        raise ConfigError("--epochs and --protocol-epochs must be at least 1, --warmup at least 0")
+    if epochs < 1 or warmup < 0 or protocol_epochs < 1 or step_steps < 0:
+        raise ConfigError("--epochs and --protocol-epochs must be at least 1, --warmup and --step-steps at least 0")
     if image_cache not in ("auto", "on", "off"):
         raise ConfigError(f"--image-cache: invalid value {image_cache!r}; allowed: auto, on, off")
     dev = resolve_bench_device(device)
@@ -150,6 +153,18 @@ def run_epoch_bench(
             sync(dev)
             epoch_times.append(time.perf_counter() - t0)
 
+        step_s = None
+        if step_steps:
+            images, labels = next(iter(data.epoch(epochs + 1, 0)))
+            step(images, labels)
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(step_steps):
+                step(images, labels)
+            sync(dev)
+            step_s = (time.perf_counter() - t0) / step_steps
+            del images, labels
+
         profile = None
         if profile_out:
             it = data.epoch(epochs + 1, 0)
@@ -192,6 +207,8 @@ def run_epoch_bench(
         "estimate_protocol_min": round(estimate_s / 60.0, 2),
         "estimate_protocol_steady_min": round(protocol_epochs * epoch_s / 60.0, 2),
         "paper_protocol": batch_size == 32 and protocol_epochs == 120,
+        "step_ms": round(1000 * step_s, 3) if step_s else None,
+        "step_images_per_s": round(batch_size / step_s, 1) if step_s else None,
         "loss": float(last.item()),
     })
     if dev.type == "cuda":

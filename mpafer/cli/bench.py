@@ -197,6 +197,9 @@ def bench_epoch(
     protocol_epochs: Annotated[
         int, typer.Option("--protocol-epochs", min=1, help="Epochs of the estimated protocol (paper: 120).")
     ] = 120,
+    step_steps: Annotated[
+        int, typer.Option("--step-steps", min=0, help="Then time this many steps on one fixed batch (step alone).")
+    ] = 20,
     n_visual_tokens: NVisual = 8,
     vpt_depth: VptDepth = None,
     n_ctx: NCtx = 10,
@@ -216,4 +219,5 @@ def bench_epoch(
     _emit(run_epoch_bench(spec, n_images=images, source_size=source_size, batch_size=batch_size, epochs=epochs,
                           warmup=warmup, device=device, amp=amp, compile=compile, compile_mode=compile_mode,
                           image_cache=image_cache, num_workers=num_workers, augment=augment,
-                          protocol_epochs=protocol_epochs, work_dir=work_dir, profile_out=profile_out))
+                          protocol_epochs=protocol_epochs, step_steps=step_steps, work_dir=work_dir,
+                          profile_out=profile_out))
