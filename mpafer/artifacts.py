@@ -116,20 +116,47 @@ def atomic_write_json(final: str | os.PathLike[str], obj: Any) -> Path:
 
 # ----------------------------------------------------------------------------------------------- parquet
 META_KEY = b"mpafer"
+#: Schema-metadata key of the column fingerprint (names, types, nullability), checked by the readers.
+SCHEMA_KEY = b"mpafer_schema"
+
+
+def _type_repr(t: pa.DataType) -> str:
+    """A type's text without list-child names (Parquet renames a list's ``item`` to ``element``)."""
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{_type_repr(t.value_type)}>[{t.list_size}]"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"{'large_' if pa.types.is_large_list(t) else ''}list<{_type_repr(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {_type_repr(f.type)}" for f in t) + ">"
+    return str(t)
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """sha256 over the columns' names, types and nullability (not the metadata)."""
+    return sha256_bytes(canonical_json([[f.name, _type_repr(f.type), f.nullable] for f in schema]).encode())
+
+
+def _check_schema(path: str | os.PathLike[str], schema: pa.Schema) -> None:
+    expected = (schema.metadata or {}).get(SCHEMA_KEY)
+    if expected is not None and schema_fingerprint(schema) != expected.decode("ascii", "replace"):
+        raise ArtifactError(f"artifact is damaged: {path} (its column types differ from those it was written with)")
 
 
 def write_parquet(table: pa.Table, final: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
     """Write ``table`` atomically with ``metadata`` (JSON) under the ``mpafer`` schema-metadata key.
 
-    The metadata gains ``n_rows`` so that a reader can tell a complete file from a damaged one.
+    The metadata gains ``n_rows`` so that a reader can tell a complete file from a damaged one, and every
+    data page carries a CRC32 checksum (verified by :func:`read_parquet_checked`), so that corrupted bytes
+    inside the file are caught too, not only a short one.
     """
     meta = dict(metadata)
     meta["n_rows"] = table.num_rows
     existing = dict(table.schema.metadata or {})
     existing[META_KEY] = canonical_json(meta).encode()
+    existing[SCHEMA_KEY] = schema_fingerprint(table.schema).encode()
     table = table.replace_schema_metadata(existing)
     with atomic_path(final) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
     return Path(final)
 
 
@@ -144,20 +171,27 @@ def parquet_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise ArtifactError(f"not an mpafer artifact (no metadata): {path}")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError: a damaged footer
+        raise ArtifactError(f"artifact metadata is damaged: {path} ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"artifact metadata is damaged: {path} (not a JSON object)")
+    return meta
 
 
 def read_parquet_checked(
     path: str | os.PathLike[str], required_columns: tuple[str, ...] = ()
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a Parquet artifact and verify its row count and required columns."""
+    """Read a Parquet artifact and verify its page checksums, row count, column types and required columns."""
     meta = parquet_metadata(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except Exception as exc:
         raise ArtifactError(f"artifact is damaged: {path} ({exc})") from None
     if table.num_rows != meta.get("n_rows"):
         raise ArtifactError(f"artifact is incomplete: {path} has {table.num_rows} rows, expected {meta.get('n_rows')}")
+    _check_schema(path, table.schema)
     missing = [c for c in required_columns if c not in table.column_names]
     if missing:
         raise ArtifactError(f"artifact {path} lacks columns {missing}")
@@ -171,6 +205,7 @@ def is_valid_parquet(path: str | os.PathLike[str], required_columns: tuple[str, 
         pf = pq.ParquetFile(path)
         if pf.metadata.num_rows != meta.get("n_rows"):
             return False
+        _check_schema(path, pf.schema_arrow)
         names = set(pf.schema_arrow.names)
         return all(c in names for c in required_columns)
     except Exception:

@@ -323,7 +323,11 @@ def load_yaml_dict(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -
     if file in _seen:
         raise ConfigError(f"config 'extends' cycle through {file}")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {file} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {file} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
@@ -331,6 +335,8 @@ def load_yaml_dict(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -
     parents = data.pop("extends", None) or []
     if isinstance(parents, str):
         parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p.strip() for p in parents):
+        raise ConfigError(f"config file {file}: 'extends' must be a config file name or a list of names")
     merged: dict[str, Any] = {}
     for parent in parents:
         ref = parent if Path(parent).is_absolute() else file.parent / parent

@@ -32,7 +32,7 @@ from mpafer.artifacts import (
     write_parquet,
 )
 from mpafer.clip.backbone import Backbone
-from mpafer.clip.text_features import fixed_list_to_tensor, tensor_to_fixed_list
+from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, ConfigError, DataError
 
 #: Part of the content key; bump when the meaning of the rows changes.
@@ -304,6 +304,6 @@ def load_prototypes(path: str | os.PathLike[str], classes: Sequence[str]) -> tup
     labels = table.column("label").to_pylist()
     if labels != list(range(len(classes))):
         raise ArtifactError(f"prototypes {path} do not hold one row per class in order")
-    protos = fixed_list_to_tensor(table.column("prototype"), int(meta["embed_dim"]))
+    protos = fixed_list_to_tensor(table.column("prototype"), meta_int(meta, "embed_dim", path))
     counts = torch.tensor(table.column("count").to_pylist(), dtype=torch.long)
     return protos, counts

@@ -93,6 +93,14 @@ def tensor_to_fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), values.shape[1])
 
 
+def meta_int(meta: dict[str, Any], name: str, path: str | os.PathLike[str]) -> int:
+    """An integer field of an artifact's metadata; a missing or malformed one is an :class:`ArtifactError`."""
+    try:
+        return int(meta[name])
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(f"artifact {path} has no valid '{name}' in its metadata (damaged?)") from None
+
+
 def fixed_list_to_tensor(column: pa.ChunkedArray | pa.Array, width: int) -> torch.Tensor:
     """A ``fixed_size_list<float32>[width]`` column as a ``[N, width]`` fp32 tensor (exact copy)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -236,7 +244,7 @@ def load_text_features(path: str | os.PathLike[str], classes: Sequence[str]) -> 
         raise ArtifactError(
             f"text features {path} were built for classes {meta.get('classes')}, this run has {list(classes)}"
         )
-    dim, width = int(meta["embed_dim"]), int(meta["token_width"])
+    dim, width = meta_int(meta, "embed_dim", path), meta_int(meta, "token_width", path)
     emb = fixed_list_to_tensor(table.column("embedding"), dim)
     means = fixed_list_to_tensor(table.column("token_mean"), width)
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)

@@ -41,6 +41,7 @@ from mpafer.artifacts import (
     atomic_write_text,
     content_key,
     file_lock,
+    is_valid_parquet,
     parquet_metadata,
     read_parquet_checked,
     write_parquet,
@@ -417,8 +418,9 @@ def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> M
 
 
 def _same_manifest(path: Path, meta: dict[str, Any], n_rows: int) -> bool:
-    """Whether ``path`` already holds a complete manifest with exactly this metadata."""
-    if not path.is_file():
+    """Whether ``path`` already holds a complete manifest with exactly this metadata (and as many rows as
+    the metadata claims: a file cut short or rewritten with fewer rows is not complete)."""
+    if not is_valid_parquet(path, MANIFEST_COLUMNS):
         return False
     try:
         old = parquet_metadata(path)

@@ -146,6 +146,8 @@ def load_descriptions(path: str | os.PathLike[str]) -> Descriptions:
         raw = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"descriptions file not found: {p}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"descriptions file {p} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read descriptions file {p}: {exc.strerror or exc}") from None
     try:
