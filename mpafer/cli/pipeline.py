@@ -33,6 +33,9 @@ def _prefect_env(verbose: bool) -> None:
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The ephemeral server's usage telemetry has nothing to report offline; it only adds start-up work
+    # and, with several runs sharing one Prefect database, "database is locked" noise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 class _DropUserErrors(logging.Filter):
