@@ -314,3 +314,14 @@ def test_nuisance_attributes_reach_captions() -> None:
     assert any(
         all(w not in t for w in ("background", "wall", "hair", "skin", "shirt", "top", "bald")) for t in texts
     )
+
+
+def test_nuisance_knob_calms_the_image() -> None:
+    """nuisance=0: flat background, no noise; nuisance=1 is the default rendering."""
+    calm = np.asarray(render_face("fear", np.random.default_rng(4), 64, nuisance=0.0), dtype=np.int16)
+    corner = calm[:8, :8].reshape(-1, 3)
+    assert (corner == corner[0]).all()  # flat background, no noise, no lighting gradient
+    full = render_face("fear", np.random.default_rng(4), 64).tobytes()
+    assert render_face("fear", np.random.default_rng(4), 64, nuisance=1.0).tobytes() == full
+    with pytest.raises(ValueError, match="nuisance"):
+        render_face("fear", np.random.default_rng(4), 64, nuisance=1.5)

@@ -241,10 +241,15 @@ def colour_name(rgb: Sequence[float]) -> str:
 _BG_KINDS = ("plain", "gradient", "blotchy", "striped")
 
 
-def _background(rng: np.random.Generator, n: int) -> tuple[Image.Image, dict[str, str]]:
-    """An ``n``×``n`` RGB background (flat, gradient, blotchy or striped) and its caption attributes."""
+def _background(
+    rng: np.random.Generator, n: int, nuisance: float = 1.0
+) -> tuple[Image.Image, dict[str, str]]:
+    """An ``n``×``n`` RGB background (flat, gradient, blotchy or striped) and its caption attributes.
+
+    Below ``nuisance`` 0.5 the background is always flat.
+    """
     base = rng.uniform(20, 235, 3).astype(np.float32)
-    kind = int(rng.integers(0, 4))
+    kind = int(rng.integers(0, 4)) if nuisance >= 0.5 else 0
     info = {"background": colour_name(base), "background_kind": _BG_KINDS[kind]}
     if kind == 0:
         return Image.new("RGB", (n, n), _clip255(base)), info
@@ -273,8 +278,13 @@ def _background(rng: np.random.Generator, n: int) -> tuple[Image.Image, dict[str
     return img.resize((n, n), Image.BILINEAR), info
 
 
-def _draw_face(c: _Canvas, cues: dict[str, float], rng: np.random.Generator) -> dict[str, Any]:
-    """Draw the head, features and nuisances; return the nuisance attributes."""
+def _draw_face(
+    c: _Canvas, cues: dict[str, float], rng: np.random.Generator, nuisance: float = 1.0
+) -> dict[str, Any]:
+    """Draw the head, features and nuisances; return the nuisance attributes.
+
+    ``nuisance`` scales the probabilities of glasses and occlusions (1 = the dataset's default).
+    """
     skin = _SKIN_TONES[int(rng.integers(0, len(_SKIN_TONES)))] * rng.uniform(0.9, 1.08) + rng.normal(0, 6, 3)
     skin_c = _clip255(skin)
     shade = _clip255(skin * 0.8)
@@ -411,7 +421,7 @@ def _draw_face(c: _Canvas, cues: dict[str, float], rng: np.random.Generator) -> 
         c.line(u, mid, _clip255(skin * 0.4), 0.03 if th > 0.025 else 0.04)
 
     # glasses, occlusion
-    glasses = bool(rng.random() < 0.12)
+    glasses = bool(rng.random() < 0.12 * nuisance)
     if glasses:
         frame = _clip255(rng.uniform(0, 90, 3))
         for side in (-1.0, 1.0):
@@ -419,7 +429,7 @@ def _draw_face(c: _Canvas, cues: dict[str, float], rng: np.random.Generator) -> 
             c.line(side * eye_u + 0.25 * np.cos(a), eye_v + 0.17 * np.sin(a), frame, 0.035)
         c.line(np.array([-eye_u + 0.25, eye_u - 0.25]), np.array([eye_v, eye_v]), frame, 0.035)
     occlusion = "none"
-    r = rng.random()
+    r = rng.random() / max(nuisance, 1e-9)
     if r < 0.1:
         occlusion = "rectangle"
         w, h = rng.uniform(0.35, 0.9), rng.uniform(0.3, 0.8)
@@ -465,47 +475,63 @@ def _hair_name(rgb: np.ndarray) -> str:
     return "brown"
 
 
+def _toward(calm: float, value: float, nuisance: float) -> float:
+    """``value`` at full nuisance, ``calm`` at none, linear in between (exactly ``value`` at 1)."""
+    return value if nuisance >= 1.0 else calm + nuisance * (value - calm)
+
+
 def render_face_with_cues(
-    expression: str, rng: np.random.Generator, size: int
+    expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Render one ``size``×``size`` RGB face of ``expression``; also return the sampled cue values.
 
     The returned dict holds every entry of :data:`CUE_NAMES` plus ``intensity``, ``smirk_side``,
     ``teeth`` and the nuisance attributes (``background``, ``background_kind``, ``skin``, ``skin_tone``,
     ``hair``, ``hair_colour``, ``clothing``, ``glasses``, ``occlusion``); it is what :func:`caption` reads.
+
+    ``nuisance`` in [0, 1] scales the nuisance factors: 1 (the default, what datasets use) gives the full
+    variation; 0 a centred, upright, unoccluded face on a flat background without blur, noise or lighting
+    gradient (skin, hair and colours still vary). Intermediate values interpolate (easier pretraining data).
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if not 0.0 <= nuisance <= 1.0:
+        raise ValueError(f"nuisance must be in [0, 1], got {nuisance}")
     cues: dict[str, Any] = sample_cues(expression, rng)
     ss = 2  # supersampling factor: draw at 2x, box-reduce (anti-aliasing)
     n = size * ss
-    img, bg_info = _background(rng, n)
+    img, bg_info = _background(rng, n, nuisance)
     cues.update(bg_info)
-    scale = n * rng.uniform(0.25, 0.33)
-    cx = n * (0.5 + rng.normal(0, 0.045))
-    cy = n * (0.5 + rng.normal(0.02, 0.035))
-    angle = math.radians(rng.uniform(-12.0, 12.0))
-    cues.update(_draw_face(_Canvas(img, cx, cy, scale, angle), cues, rng))
+    scale = n * _toward(0.3, rng.uniform(0.25, 0.33), nuisance)
+    cx = n * (0.5 + nuisance * rng.normal(0, 0.045))
+    cy = n * (0.5 + _toward(0.02, rng.normal(0.02, 0.035), nuisance))
+    angle = math.radians(nuisance * rng.uniform(-12.0, 12.0))
+    cues.update(_draw_face(_Canvas(img, cx, cy, scale, angle), cues, rng, nuisance))
     img = img.reduce(ss)
-    if rng.random() < 0.25:
+    if rng.random() < 0.25 * nuisance:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
     arr = np.asarray(img, dtype=np.float32)
     # lighting gradient and sensor noise
     yy, xx = _unit_grid(size)
     ang = rng.uniform(0, 2 * math.pi)
-    strength = np.float32(rng.uniform(0.0, 0.45))
+    strength = np.float32(nuisance * rng.uniform(0.0, 0.45))
     cos_a, sin_a = np.float32(math.cos(ang)), np.float32(math.sin(ang))
-    gain = (1.0 + strength * (cos_a * (xx - 0.5) + sin_a * (yy - 0.5))) * np.float32(rng.uniform(0.8, 1.15))
+    gain = (1.0 + strength * (cos_a * (xx - 0.5) + sin_a * (yy - 0.5))) * np.float32(
+        _toward(1.0, rng.uniform(0.8, 1.15), nuisance)
+    )
     arr = arr * gain[..., None]
-    sigma = rng.uniform(0.0, 9.0)
+    sigma = nuisance * rng.uniform(0.0, 9.0)
     arr = arr + rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(sigma)
     out = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
     return out, cues
 
 
-def render_face(expression: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """Render one ``size``×``size`` RGB face of ``expression`` (one of :data:`CANONICAL_CLASSES`)."""
-    return render_face_with_cues(expression, rng, size)[0]
+def render_face(expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0) -> Image.Image:
+    """Render one ``size``×``size`` RGB face of ``expression`` (one of :data:`CANONICAL_CLASSES`).
+
+    ``nuisance`` as in :func:`render_face_with_cues` (datasets use the default, 1).
+    """
+    return render_face_with_cues(expression, rng, size, nuisance)[0]
 
 
 # ---------------------------------------------------------------------------------------------- captions
