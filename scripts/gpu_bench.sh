@@ -4,6 +4,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #
 # scripts/gpu_bench.sh — the one-shot GPU benchmark of MPA-FER (docs/PERFORMANCE.md, "GPU figures").
 #
+#   Fetch the wheels first (here): scripts/fetch_gpu_wheels.sh
 #   On the device machine, from the repository root (carry [".whl"], timeout ~420 s):
 #       bash scripts/gpu_bench.sh
 #   Logic check on a CPU with tiny sizes (a minute or two):
