@@ -18,56 +18,20 @@ from mpafer.errors import MpaferError
 __all__ = ["app", "bench_app", "main"]
 
 
-def _usage_error_types() -> tuple[type[BaseException], ...]:
-    """Usage-error classes of typer's bundled click and, when installed, of click itself."""
-    types: list[type[BaseException]] = []
-    try:
-        from typer._click.exceptions import ClickException as _TyperClickException
+def _exception_types(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class ``name`` (``ClickException``, ``Exit``, ``Abort``) from every place that may
+    raise it: typer's bundled click (typer >= 0.20), typer's own exceptions, and click when installed."""
+    import importlib
 
-        types.append(_TyperClickException)
-    except ImportError:  # older typer uses click directly
-        pass
-    try:
-        import click
-
-        types.append(click.exceptions.ClickException)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def _exit_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = []
-    try:
-        import typer.exceptions as _te
-
-        types.append(_te.Exit)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import click
-
-        types.append(click.exceptions.Exit)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def _abort_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = []
-    try:
-        import typer.exceptions as _te
-
-        types.append(_te.Abort)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import click
-
-        types.append(click.exceptions.Abort)
-    except ImportError:
-        pass
-    return tuple(types)
+    found: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except _exit_types() as exc:
+    except _exception_types("Exit") as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
-    except _abort_types():
+    except _exception_types("Abort"):
         print("error: aborted", file=sys.stderr)
         return 1
-    except _usage_error_types() as exc:
+    except _exception_types("ClickException") as exc:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         message = " ".join(str(message).split())
         if message:  # typer's "no arguments: show help" carries no message
