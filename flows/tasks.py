@@ -9,7 +9,7 @@ refresh flags to the tasks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prefect import Task, task
@@ -20,34 +20,21 @@ from mpafer.config import Config
 from mpafer.pipeline import StageName, StageResult
 
 
-def _cfg(parameters: dict[str, Any]) -> Config | None:
-    cfg = parameters.get("cfg")
-    return cfg if isinstance(cfg, Config) else None
+def _config_name(default: str, describe: Callable[[Config], str]) -> Callable[..., str]:
+    """A ``task_run_name`` callback: ``describe(cfg)`` when the task got a config, else ``default``."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        cfg = parameters.get("cfg")
+        return describe(cfg) if isinstance(cfg, Config) else default
+
+    return name
 
 
-def _manifest_name(parameters: dict[str, Any]) -> str:
-    cfg = _cfg(parameters)
-    return f"manifest-{cfg.data.dataset}" if cfg else "manifest"
-
-
-def _describe_name(parameters: dict[str, Any]) -> str:
-    cfg = _cfg(parameters)
-    return f"describe-{cfg.llm.model}" if cfg else "describe"
-
-
-def _text_name(parameters: dict[str, Any]) -> str:
-    cfg = _cfg(parameters)
-    return f"text-features-{cfg.clip.model}" if cfg else "text-features"
-
-
-def _prototypes_name(parameters: dict[str, Any]) -> str:
-    cfg = _cfg(parameters)
-    return f"prototypes-{cfg.clip.model}" if cfg else "prototypes"
-
-
-def _train_name(parameters: dict[str, Any]) -> str:
-    cfg = _cfg(parameters)
-    return f"train-{cfg.model.variant}-{cfg.clip.model}-{cfg.train.epochs}ep" if cfg else "train"
+_manifest_name = _config_name("manifest", lambda c: f"manifest-{c.data.dataset}")
+_describe_name = _config_name("describe", lambda c: f"describe-{c.llm.model}")
+_text_name = _config_name("text-features", lambda c: f"text-features-{c.clip.model}")
+_prototypes_name = _config_name("prototypes", lambda c: f"prototypes-{c.clip.model}")
+_train_name = _config_name("train", lambda c: f"train-{c.model.variant}-{c.clip.model}-{c.train.epochs}ep")
 
 
 def _evaluate_name(parameters: dict[str, Any]) -> str:
