@@ -230,6 +230,9 @@ class TrainConfig(_Model):
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     #: torch.compile: ``auto`` = on for GPU.
     compile: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile mode when compiling: ``default``; ``reduce-overhead`` replays the step as CUDA graphs
+    #: (for small batches, where kernel launches dominate); ``max-autotune-no-cudagraphs`` tunes kernels.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     num_workers: int = Field(2, ge=0)
     #: Decode and resize images once into a uint8 tensor cache; augment on the device.
     image_cache: Literal["auto", "on", "off"] = "auto"

@@ -117,6 +117,9 @@ bench eval_compiled 90 35 eval "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$EVAL
 if [ "${#RO_MODE[@]}" -gt 0 ]; then
     bench step_b32_cudagraphs 70 35 train-step "${MODEL[@]}" "${RO_MODE[@]}" --batch-size "$B_SMALL" \
         --steps "$STEPS_SMALL" --warmup "$WARM" --no-count-flops
+    # the same CUDA graphs through the loop's data path (train.compile_mode=reduce-overhead): the protocol estimate
+    bench epoch_b32_cudagraphs 100 50 epoch "${MODEL[@]}" "${RO_MODE[@]}" --batch-size "$B_SMALL" \
+        --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --work-dir "$WORK"
 fi
 bench data_paths 60 25 data --device "$DEVICE" --images "$N_DATA" --sizes "$DATA_SIZES" \
     --batch-size "$B_BIG" --num-workers "$WORKERS" --work-dir "$WORK"
@@ -167,11 +170,14 @@ def val(label, key):
     return r.get(key)
 
 epoch_ips = val("epoch_b256_compiled", "images_per_s") or val("epoch_b32_compiled", "images_per_s")
+# the paper protocol: the better of the default compile and CUDA graphs (train.compile_mode) at batch 32
+protocol = [v for v in (val("epoch_b32_compiled", "estimate_protocol_min"),
+                        val("epoch_b32_cudagraphs", "estimate_protocol_min")) if v is not None]
 targets = [
     ("train step @256 >= 5,000 img/s", val("step_b256_compiled", "images_per_s"), lambda v: v >= 5000),
     ("epoch (data incl.) >= 4,000 img/s", epoch_ips, lambda v: v >= 4000),
     ("eval >= 10,000 img/s", val("eval_compiled", "images_per_s"), lambda v: v >= 10000),
-    ("120 epochs x batch 32 < 15 min", val("epoch_b32_compiled", "estimate_protocol_min"), lambda v: v < 15),
+    ("120 epochs x batch 32 < 15 min", min(protocol) if protocol else None, lambda v: v < 15),
 ]
 print()
 print("targets" + (" (small CPU run: not meaningful)" if small else ""))

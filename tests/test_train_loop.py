@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_train_fixtures import base_config, run_train, shared_inputs
 
-from mpafer.errors import ArtifactError
+from mpafer.errors import ArtifactError, ConfigError
 from mpafer.train.checkpoint import CheckpointWarning, list_checkpoints
-from mpafer.train.loop import WarmupCosineSchedule
+from mpafer.train.loop import WarmupCosineSchedule, training_key
 from mpafer.train.predict import load_prompts
 from mpafer.train.sampler import EpochBatchSampler, epoch_order
 
@@ -216,6 +216,31 @@ def test_image_cache_path_trains_and_resumes_exactly(tmp_path: Path) -> None:
     a, b = _prompts(tmp_path / "ref"), _prompts(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _learning(_rows(tmp_path / "ref")) == _learning(_rows(tmp_path / "cut"))
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile_mode`` is what torch.compile receives (CUDA graphs for small batches), it does not
+    change the run's key, and an unknown mode is refused before any work."""
+    inputs = shared_inputs()
+    seen: list[dict[str, object]] = []
+
+    def recording_compile(fn: object, *args: object, **kwargs: object) -> object:
+        seen.append(dict(kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    res = run_train(base_config(epochs=1, compile="on", compile_mode="reduce-overhead"), inputs, tmp_path / "ro")
+    assert seen == [{"mode": "reduce-overhead"}]
+    assert res["compiled"] is True and res["compile_mode"] == "reduce-overhead"
+    seen.clear()
+    res = run_train(base_config(epochs=1, compile="on"), inputs, tmp_path / "default")
+    assert seen == [{}] and res["compile_mode"] == "default"
+    eager = run_train(base_config(epochs=1), inputs, tmp_path / "eager")
+    assert eager["compiled"] is False and eager["compile_mode"] is None
+    key = training_key(base_config(epochs=1, compile_mode="reduce-overhead"), {"m": "x"})
+    assert key == training_key(base_config(epochs=1), {"m": "x"})
+    with pytest.raises(ConfigError, match=r"train.compile_mode: invalid value .cudagraphs."):
+        base_config(epochs=1, compile_mode="cudagraphs")
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,7 @@ OPERATIONAL_TRAIN_FIELDS = frozenset(
         "device",
         "amp",
         "compile",
+        "compile_mode",
         "num_workers",
         "image_cache",
         "checkpoint_every_steps",
@@ -654,7 +655,7 @@ class _Trainer:
         self.step_fn: Callable[..., Any] = self._forward_loss
         self.compile_checked = not (self.use_compile and self.learns)
         if self.use_compile and self.learns:
-            self.step_fn = compile_step(self._forward_loss)
+            self.step_fn = compile_step(self._forward_loss, self.tc.compile_mode)
 
         from mpafer.data.images import clip_transforms
 
@@ -875,6 +876,7 @@ class _Trainer:
             "device": str(self.device),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32",
             "compiled": bool(self.use_compile and self.learns),
+            "compile_mode": self.tc.compile_mode if self.use_compile and self.learns else None,
             "image_cache": bool(self.use_cache and self.learns),
             "processes": self.dist.world_size,
             "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
