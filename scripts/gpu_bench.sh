@@ -1,4 +1,4 @@
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+if [ "${MPAFER_BENCH_SMALL:-0}" != 1 ] && [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 # ^ first line on purpose: the GPU image lacks open_clip_torch, ftfy, wcwidth and pydantic; their wheels
 #   travel in the git-ignored .whl/ folder.
 #
