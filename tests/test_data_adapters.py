@@ -346,3 +346,13 @@ def test_ferplus_unwritable_png_cache_names_it(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(DataError, match="cannot create PNG cache folder .*a-file.*data.png_cache"):
         list_dataset(DataConfig(dataset="ferplus", root=root, png_cache=blocker / "cache"))
+
+
+@pytest.mark.parametrize(("name", "plain"), [
+    ("train_00001.jpg", True), ("fer0000001.png", True), ("a b.jpg", True),
+    ("sub/a.jpg", False), ("sub\\a.jpg", False), (".", False), ("..", False), ("a\x00.jpg", False),
+])
+def test_is_plain_name(name: str, plain: bool) -> None:
+    from mpafer.data.adapters.base import is_plain_name
+
+    assert is_plain_name(name) is plain

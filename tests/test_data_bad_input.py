@@ -240,6 +240,12 @@ def _csv_bad_header(tmp: Path) -> Path:
     return path
 
 
+def _name_with_directory(tmp: Path) -> Path:
+    root = _raf(tmp)
+    _append(root / RAF_LABELS, "../train_00001.jpg 3\n")
+    return root
+
+
 def _label_file_binary(tmp: Path) -> Path:
     root = _raf(tmp)
     (root / RAF_LABELS).write_bytes(b"\xff\xfe\x00\x81garbage")
@@ -254,6 +260,9 @@ CASES: dict[str, Case] = {
     "label out of range": Case("rafdb", _label_out_of_range, (RAF_LABELS, "line 22", "'9'"), True),
     "label unparseable": Case("rafdb", _label_unparseable, (RAF_LABELS, "line 22", "'happy'"), True),
     "malformed line": Case("rafdb", _line_malformed, (RAF_LABELS, "line 22"), True),
+    "name with a directory": Case(
+        "rafdb", _name_with_directory, (RAF_LABELS, "line 22", "'../train_00001.jpg'", "not a plain file name"), True
+    ),
     "label file not text": Case("rafdb", _label_file_binary, ("list_patition_label.txt", "not"), False),
     "image absent": Case(
         "rafdb", _image_absent, ("train_00004_aligned.jpg", "image not found", RAF_LABELS, "line 4"), True

@@ -185,6 +185,11 @@ def safe_relative(name: str) -> str | None:
     return "/".join(parts)
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is a bare file name: no directory separator, not ``.``/``..``, no NUL."""
+    return not ("/" in name or "\\" in name or name in (".", "..") or "\x00" in name)
+
+
 def read_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file (BOM tolerated); unreadable or non-text files raise ``DataError``."""
     try:

@@ -25,6 +25,7 @@ from mpafer.data.adapters.base import (
     Row,
     csv_columns,
     dataset_root,
+    is_plain_name,
     iter_csv,
     parse_int,
     rel,
@@ -167,19 +168,8 @@ def _list_csv_pair(cfg: DataConfig, root: Path, listing: Listing) -> None:
             )
             continue
         name = b[name_i].strip()
-        if not name:
-            listing.drop("empty image name")
-            continue
-        votes = parse_votes([b[i] for i in vote_i])
-        if isinstance(votes, str):
-            listing.bad.append(BadRow(where, f"{where}: {votes}"))
-            continue
-        label, reason = ferplus_label(votes, cfg.ferplus_label_mode)
+        label = _voted_label(listing, where, name, [b[i] for i in vote_i], cfg.ferplus_label_mode, "Image name")
         if label is None:
-            listing.drop(reason or "dropped")
-            continue
-        if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
-            listing.bad.append(BadRow(where, f"{where}: Image name {short(name)} is not a plain file name"))
             continue
         target = cache.ensure(split, name, a[pix_i])
         if isinstance(target, str):
@@ -188,6 +178,28 @@ def _list_csv_pair(cfg: DataConfig, root: Path, listing: Listing) -> None:
             continue
         listing.rows.append(Row(prefixes[split] + name, label, split, new_src, line))
     cache.finish()
+
+
+def _voted_label(listing: Listing, where: str, name: str, vote_fields: list[str], mode: str,
+                 name_column: str) -> int | None:
+    """The label of one FERPlus row (either layout) from its image name and votes; ``None`` once the row
+    is recorded as dropped (empty name, no label under ``mode``) or bad (unparsable votes, not a plain
+    file name)."""
+    if not name:
+        listing.drop("empty image name")
+        return None
+    votes = parse_votes(vote_fields)
+    if isinstance(votes, str):
+        listing.bad.append(BadRow(where, f"{where}: {votes}"))
+        return None
+    label, reason = ferplus_label(votes, mode)
+    if label is None:
+        listing.drop(reason or "dropped")
+        return None
+    if not is_plain_name(name):
+        listing.bad.append(BadRow(where, f"{where}: {name_column} {short(name)} is not a plain file name"))
+        return None
+    return label
 
 
 def _list_png_folders(cfg: DataConfig, root: Path, listing: Listing) -> None:
@@ -211,20 +223,7 @@ def _list_png_folders(cfg: DataConfig, root: Path, listing: Listing) -> None:
                 )
                 continue
             name = fields[0].strip()
-            if not name:
-                listing.drop("empty image name")
-                continue
-            votes = parse_votes(fields[2:])
-            if isinstance(votes, str):
-                listing.bad.append(BadRow(where, f"{where}: {votes}"))
-                continue
-            label, reason = ferplus_label(votes, cfg.ferplus_label_mode)
+            label = _voted_label(listing, where, name, fields[2:], cfg.ferplus_label_mode, "image name")
             if label is None:
-                listing.drop(reason or "dropped")
-                continue
-            if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
-                listing.bad.append(
-                    BadRow(where, f"{where}: image name {short(name)} is not a plain file name")
-                )
                 continue
             listing.rows.append(Row(f"{folder}/{name}", label, split, src, line))

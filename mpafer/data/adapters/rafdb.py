@@ -16,7 +16,17 @@ from __future__ import annotations
 import os
 
 from mpafer.config import DataConfig
-from mpafer.data.adapters.base import BadRow, Listing, Row, dataset_root, parse_int, read_lines, rel, short
+from mpafer.data.adapters.base import (
+    BadRow,
+    Listing,
+    Row,
+    dataset_root,
+    is_plain_name,
+    parse_int,
+    read_lines,
+    rel,
+    short,
+)
 from mpafer.errors import DataError
 
 ADAPTER_VERSION = "1"
@@ -65,7 +75,7 @@ def list_rafdb(cfg: DataConfig) -> Listing:
             listing.bad.append(BadRow(where, f"{where}: expected '<image name> <label>', got {short(line)}"))
             continue
         name, label_text = parts
-        if "/" in name or "\\" in name or name in (".", ".."):
+        if not is_plain_name(name):
             listing.bad.append(BadRow(where, f"{where}: image name {short(name)} is not a plain file name"))
             continue
         label = parse_int(label_text)
