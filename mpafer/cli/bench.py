@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mpafer.cli.app import app, bench_app  # noqa: F401
-from mpafer.cli.common import out
+from mpafer.cli.common import emit
 from mpafer.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------ shared options
@@ -76,7 +76,7 @@ def _check_mode(mode: str) -> None:
 
 
 def _emit(record: dict[str, Any]) -> None:
-    out.print(json.dumps(record), markup=False, highlight=False, soft_wrap=True)
+    emit(json.dumps(record))
 
 
 @bench_app.command("train-step")

@@ -12,6 +12,12 @@ console = Console(stderr=True)
 out = Console()
 
 
+def emit(text: str, to: Console = out) -> None:
+    """Print ``text`` literally, on one line: no rich markup (paths may hold ``[...]``), no highlighting,
+    no wrapping, so that scripts can parse it."""
+    to.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def config_from_options(config: Path | None, sets: list[str] | None, demo: bool = False) -> Config:
     """Load ``--config`` (or the demo/default config) and apply ``--set key=value`` overrides."""
     if config is None and demo:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mpafer.cli.app import app, bench_app
-from mpafer.cli.common import config_from_options, console, out
+from mpafer.cli.common import config_from_options, console, emit, out
 
 DATASETS = ("rafdb", "ferplus", "affectnet7", "affectnet8", "fer2013", "folder", "csv")
 
@@ -63,7 +63,7 @@ def manifest(
         result = build_manifest(cfg.data, target, progress=not no_progress)
     for w in caught:
         if issubclass(w.category, DataWarning):
-            console.print(f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True)
+            emit(f"warning: {w.message}", console)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     _print_result(result)

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from mpafer.cli.app import app, bench_app
-from mpafer.cli.common import config_from_options, console, out
+from mpafer.cli.common import config_from_options, console, emit
 from mpafer.errors import ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
@@ -48,8 +48,8 @@ def embed(
         num_workers=cfg.train.num_workers,
         progress=progress,
     )
-    out.print(f"text_features {text_path}", markup=False, highlight=False, soft_wrap=True)
-    out.print(f"prototypes {proto_path}", markup=False, highlight=False, soft_wrap=True)
+    emit(f"text_features {text_path}")
+    emit(f"prototypes {proto_path}")
 
 
 @app.command()
@@ -81,7 +81,7 @@ def zeroshot(
         f"zero-shot {split}: accuracy {result['accuracy']:.4f}, "
         f"mean-class accuracy {result['mean_class_accuracy']:.4f} (n={result['n']})"
     )
-    out.print(json.dumps({"split": split, **result}), markup=False, highlight=False, soft_wrap=True)
+    emit(json.dumps({"split": split, **result}))
 
 
 class _ImageList:
@@ -162,4 +162,4 @@ def bench_prototypes(
         "seconds": round(seconds, 3),
         "images_per_s": round(images / seconds, 1),
     }
-    out.print(json.dumps(record), markup=False, highlight=False, soft_wrap=True)
+    emit(json.dumps(record))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from mpafer.cli.app import app
-from mpafer.cli.common import config_from_options, console, out
+from mpafer.cli.common import config_from_options, console, emit, out
 from mpafer.errors import ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
@@ -72,7 +72,7 @@ def train(
             f"{agg['n_seeds']} seeds: accuracy {100 * agg['accuracy']:.2f} ± {100 * (agg['accuracy_std'] or 0):.2f}, "
             f"mean-class {100 * agg['mean_class_accuracy']:.2f} ± {100 * (agg['mean_class_accuracy_std'] or 0):.2f}"
         )
-        out.print(f"summary {agg['artifacts']['summary']}", markup=False, highlight=False, soft_wrap=True)
+        emit(f"summary {agg['artifacts']['summary']}")
         return
     result = train_run(cfg, manifest, text_features, prototypes, run_dir, progress=progress)
     final = result.get("final") or {}
@@ -82,7 +82,7 @@ def train(
     if final.get("val_acc") is not None:
         msg += f", val acc {100 * final['val_acc']:.2f}"
     console.print(msg)
-    out.print(f"run {Path(run_dir).resolve()}", markup=False, highlight=False, soft_wrap=True)
+    emit(f"run {Path(run_dir).resolve()}")
 
 
 @app.command()
@@ -101,8 +101,8 @@ def evaluate(
         f"{split}: accuracy {100 * summary['accuracy']:.2f}, mean-class accuracy "
         f"{100 * summary['mean_class_accuracy']:.2f} ({summary['n_test']} images)"
     )
-    out.print(f"summary {summary['artifacts']['summary']}", markup=False, highlight=False, soft_wrap=True)
-    out.print(f"report {summary['artifacts']['report']}", markup=False, highlight=False, soft_wrap=True)
+    emit(f"summary {summary['artifacts']['summary']}")
+    emit(f"report {summary['artifacts']['report']}")
 
 
 @app.command()
@@ -123,11 +123,11 @@ def predict(
     preds = predict_images(run, images, top_k=top_k, device=device)
     failed = [p for p in preds if not p.ok]
     for p in failed:
-        console.print(f"error: {p.error}", markup=False, highlight=False, soft_wrap=True)
+        emit(f"error: {p.error}", console)
     good = [p for p in preds if p.ok]
     if as_json:
         for p in good:
-            out.print(json.dumps(p.to_dict()), markup=False, highlight=False, soft_wrap=True)
+            emit(json.dumps(p.to_dict()))
     elif good:
         table = Table(title=f"predictions ({run})")
         table.add_column("image")
