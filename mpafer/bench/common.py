@@ -111,9 +111,9 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto`` = bf16 on CUDA, none (fp32) on the CPU; else ``bf16``/``fp16``/``fp32``."""
     if amp not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"--amp: invalid value {amp!r}; allowed: auto, bf16, fp16, fp32")
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    from mpafer.train.loop import amp_dtype
+
+    return amp_dtype(amp, device)
 
 
 def amp_name(dtype: torch.dtype | None) -> str:

@@ -69,7 +69,13 @@ def run_epoch_bench(
     one warm-up step runs. Afterwards ``step_steps`` steps on one fixed batch (no data loading) give
     ``step_images_per_s``, the same process's step alone, for comparison with the epoch.
     """
-    from mpafer.train.loop import compile_step, make_step_fn, make_train_batches, resolve_image_cache
+    from mpafer.train.loop import (
+        compile_on,
+        compile_step,
+        make_step_fn,
+        make_train_batches,
+        resolve_image_cache,
+    )
 
     if n_images < batch_size or batch_size < 1:
         raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
@@ -79,7 +85,7 @@ def run_epoch_bench(
         raise ConfigError(f"--image-cache: invalid value {image_cache!r}; allowed: auto, on, off")
     dev = resolve_bench_device(device)
     amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = dev.type == "cuda" if compile is None else bool(compile)
+    use_compile = compile_on(compile, dev)
     nw = max(0, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
     cfg = build_config({
         "clip": {"model": spec.model, "pretrained": spec.pretrained, "precision": spec.precision,

@@ -80,12 +80,12 @@ def run_train_step(
     bf16 989); ``mfu_vs_reference`` uses DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own
     large-matmul measurement.
     """
-    from mpafer.train.loop import compile_step, make_step_fn
+    from mpafer.train.loop import compile_on, compile_step, make_step_fn
 
     _check_counts(batch_size, steps, warmup)
     dev = resolve_bench_device(device)
     amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = dev.type == "cuda" if compile is None else bool(compile)
+    use_compile = compile_on(compile, dev)
     t_build = time.perf_counter()
     backbone, model = build_bench_model(spec, dev)
     build_s = time.perf_counter() - t_build
@@ -199,12 +199,12 @@ def run_eval(
     Runs :func:`mpafer.train.loop.run_inference` over ``steps`` device batches (no data loading), after
     ``warmup`` batches (compile). ``text_features_ms`` is the one-off soft-prompt text encoding.
     """
-    from mpafer.train.loop import compile_step, run_inference
+    from mpafer.train.loop import compile_on, compile_step, run_inference
 
     _check_counts(batch_size, steps, warmup)
     dev = resolve_bench_device(device)
     amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = dev.type == "cuda" if compile is None else bool(compile)
+    use_compile = compile_on(compile, dev)
     backbone, model = build_bench_model(spec, dev)
     model.eval()
     images, labels = _random_batch(backbone, batch_size, spec.classes, dev)

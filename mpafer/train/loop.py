@@ -82,7 +82,9 @@ __all__ = [
     "OPERATIONAL_TRAIN_FIELDS",
     "RunInputs",
     "WarmupCosineSchedule",
+    "amp_dtype",
     "build_model",
+    "compile_on",
     "compile_step",
     "inductor_workarounds",
     "load_inputs",
@@ -134,16 +136,27 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of the frozen encoders: ``auto`` = bf16 on GPU, none (fp32) on CPU."""
-    if train_cfg.amp == "auto":
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the frozen encoders for ``auto|bf16|fp16|fp32``: ``auto`` = bf16 on GPU, none
+    (fp32) on CPU."""
+    if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[train_cfg.amp]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def resolve_amp(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` as an autocast dtype (:func:`amp_dtype`)."""
+    return amp_dtype(train_cfg.amp, device)
+
+
+def compile_on(compile: bool | None, device: torch.device) -> bool:
+    """Whether to compile: ``None`` (auto) = on for CUDA."""
+    return device.type == "cuda" if compile is None else bool(compile)
 
 
 def resolve_compile(train_cfg: TrainConfig, device: torch.device) -> bool:
-    """``compile: auto`` = on for CUDA."""
-    return train_cfg.compile == "on" or (train_cfg.compile == "auto" and device.type == "cuda")
+    """``train.compile`` (``auto`` = on for CUDA)."""
+    return compile_on({"auto": None, "on": True, "off": False}[train_cfg.compile], device)
 
 
 def resolve_image_cache(train_cfg: TrainConfig, device: torch.device) -> bool:
