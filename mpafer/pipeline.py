@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -158,6 +158,21 @@ def runs_dir(cfg: Config) -> Path:
 
 def _stage_lock(cfg: Config, stage: str, key: str) -> contextlib.AbstractContextManager[None]:
     return file_lock(project_dir(cfg) / ".locks" / f"{stage}-{key[:16]}")
+
+
+_R = TypeVar("_R")
+
+
+def _once(cfg: Config, plan: StagePlan, refresh: bool, recorded: Callable[[], _R],
+          build: Callable[[], _R]) -> tuple[_R, bool]:
+    """``(recorded(), True)`` when the stage is done, else ``(build(), False)``. Done is checked again under
+    the stage's file lock, so pipelines running at once do each piece of work once; ``refresh`` builds."""
+    if not refresh and plan.is_done():
+        return recorded(), True
+    with _stage_lock(cfg, plan.stage, plan.key):
+        if not refresh and plan.is_done():
+            return recorded(), True
+        return build(), False
 
 
 def run_name(cfg: Config) -> str:
@@ -399,11 +414,8 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
     """Build (or reuse) the dataset's manifest. ``cfg`` must be prepared (:func:`prepare_config`)."""
     t0 = time.perf_counter()
     plan = plan_manifest(cfg)
-    if not refresh and plan.is_done():
-        return _manifest_stage_result(plan, _manifest_record(plan.path), True, t0)
-    with _stage_lock(cfg, "manifest", plan.key):
-        if not refresh and plan.is_done():
-            return _manifest_stage_result(plan, _manifest_record(plan.path), True, t0)
+
+    def build() -> dict[str, Any]:
         from mpafer.data.manifest import build_manifest
 
         res = build_manifest(cfg.data, manifest_dir(cfg), progress=False)
@@ -419,7 +431,10 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
             "n_quarantined": int(res.n_quarantined),
         }
         atomic_write_json(plan.path, rec)
-    return _manifest_stage_result(plan, rec, False, t0)
+        return rec
+
+    rec, cached = _once(cfg, plan, refresh, lambda: _manifest_record(plan.path), build)
+    return _manifest_stage_result(plan, rec, cached, t0)
 
 
 # ------------------------------------------------------------------------------------------ describe
@@ -470,11 +485,7 @@ def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False
         return _result(plan, Path(rec["path"]), plan.key, cached, t0, sha256=rec["sha256"], model=cfg.llm.model,
                        classes=list(classes), n_requests=rec.get("n_requests", 0), n_cached=rec.get("n_cached", 0))
 
-    if not refresh and plan.is_done():
-        return done(_describe_record(plan.path), True)
-    with _stage_lock(cfg, "describe", plan.key):
-        if not refresh and plan.is_done():
-            return done(_describe_record(plan.path), True)
+    def build() -> dict[str, Any]:
         from mpafer.describe import get_descriptions, load_descriptions
 
         res = get_descriptions(list(classes), cfg.llm, descriptions_dir(cfg), _abs(cfg, cfg.llm.cache_dir))
@@ -483,7 +494,9 @@ def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False
         rec = {"key": plan.key, "path": str(path), "sha256": sha256_file(path), "model": cfg.llm.model,
                "n_requests": res.n_requests, "n_cached": res.n_cached}
         atomic_write_json(plan.path, rec)
-    return done(rec, False)
+        return rec
+
+    return done(*_once(cfg, plan, refresh, lambda: _describe_record(plan.path), build))
 
 
 # ------------------------------------------------------------------------------------------ text features
@@ -502,18 +515,17 @@ def stage_text_features(
     """Frozen-CLIP features of the hard prompts (METHOD.md §2), one Parquet row per prompt."""
     t0 = time.perf_counter()
     plan = plan_text_features(cfg, describe, classes)
-    if not refresh and plan.is_done():
-        return _result(plan, plan.path, plan.key, True, t0)
-    with _stage_lock(cfg, "text_features", plan.key):
-        if not refresh and plan.is_done():
-            return _result(plan, plan.path, plan.key, True, t0)
+
+    def build() -> None:
         from mpafer.clip.text_features import build_text_features
 
         backbone = _backbone(cfg)
         with _scratch_dir(plan.path.parent, "text") as tmp:
             produced = build_text_features(backbone, describe.path, list(classes), list(cfg.model.granularities), tmp)
             _move_into_place(produced, plan.path)
-    return _result(plan, plan.path, plan.key, False, t0)
+
+    _, cached = _once(cfg, plan, refresh, lambda: None, build)
+    return _result(plan, plan.path, plan.key, cached, t0)
 
 
 # ------------------------------------------------------------------------------------------ prototypes
@@ -535,11 +547,8 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
     """Class prototypes: mean frozen-CLIP image features of the training images per class."""
     t0 = time.perf_counter()
     plan = plan_prototypes(cfg, manifest)
-    if not refresh and plan.is_done():
-        return _result(plan, plan.path, plan.key, True, t0)
-    with _stage_lock(cfg, "prototypes", plan.key):
-        if not refresh and plan.is_done():
-            return _result(plan, plan.path, plan.key, True, t0)
+
+    def build() -> None:
         from mpafer.clip.prototypes import build_prototypes
 
         backbone = _backbone(cfg)
@@ -556,7 +565,9 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
                 progress=False,
             )
             _move_into_place(produced, plan.path)
-    return _result(plan, plan.path, plan.key, False, t0)
+
+    _, cached = _once(cfg, plan, refresh, lambda: None, build)
+    return _result(plan, plan.path, plan.key, cached, t0)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -647,11 +658,7 @@ def stage_train(
     def done(rec: dict[str, Any], cached: bool) -> StageResult:
         return _result(plan, run_dir, plan.key, cached, t0, **rec.get("result", {}))
 
-    if not refresh and plan.is_done():
-        return done(_train_record(run_dir, plan.key), True)
-    with _stage_lock(cfg, "train", plan.key):
-        if not refresh and plan.is_done():
-            return done(_train_record(run_dir, plan.key), True)
+    def build() -> dict[str, Any]:
         if refresh and run_dir.exists():
             shutil.rmtree(run_dir)
         for damaged in _damaged_prompts(run_dir) if run_dir.exists() else []:
@@ -659,15 +666,13 @@ def stage_train(
             log.warning("prompts file %s is damaged; rebuilding it from the run's checkpoint", damaged)
             damaged.unlink()
         from mpafer.train import train
-        from mpafer.train.seeds import seed_dir, seed_list
+        from mpafer.train.seeds import seed_config, seed_dir, seed_list
 
         release_backbones()
         inputs = (manifest.path, text_features.path, prototypes.path)
         if cfg.train.seeds:
-            results = {}
             for seed in seed_list(cfg):
-                seed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "seeds": None})})
-                results[str(seed)] = train(seed_cfg, *inputs, seed_dir(run_dir, seed), progress=False)
+                train(seed_config(cfg, seed), *inputs, seed_dir(run_dir, seed), progress=False)
             out: dict[str, Any] = {"seeds": seed_list(cfg)}
         else:
             out = train(cfg, *inputs, run_dir, progress=False) or {}
@@ -679,7 +684,9 @@ def stage_train(
             "finished_at": _now(),
         }
         atomic_write_json(run_dir / TRAIN_RECORD, rec)
-    return done(rec, False)
+        return rec
+
+    return done(*_once(cfg, plan, refresh, lambda: _train_record(run_dir, plan.key), build))
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -717,8 +724,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, manifest: StageResult, split: str,
         return summary, summary_path, report_path, figures
     per_seed = {s: evaluate(seed_dir(run_dir, s), manifest.path, split=split, timings=timings, force=force)
                 for s in seed_list(cfg)}
-    summary = aggregate_seed_summaries(per_seed, run_dir)
-    summary["timings"] = {**summary.get("timings", {}), **timings}
+    summary = aggregate_seed_summaries(per_seed, run_dir, timings)
     summary_path = run_dir / summary_name(split)
     atomic_write_json(summary_path, summary)
     first = (per_seed[min(per_seed)].get("artifacts") or {})
@@ -747,11 +753,7 @@ def stage_evaluate(
         info = {k: v for k, v in rec.items() if k not in ("key", "finished_at")}
         return _result(plan, Path(rec["summary_path"]), plan.key, cached, t0, **info)
 
-    if not refresh and plan.is_done():
-        return done(_eval_record(plan.path, plan.key), True)
-    with _stage_lock(cfg, "evaluate", plan.key):
-        if not refresh and plan.is_done():
-            return done(_eval_record(plan.path, plan.key), True)
+    def build() -> dict[str, Any]:
         summary, summary_path, report_path, figures = _evaluate_run(
             cfg, Path(train.path), manifest, split, dict(timings or {}), refresh
         )
@@ -767,8 +769,9 @@ def stage_evaluate(
             "finished_at": _now(),
         }
         atomic_write_json(plan.path, _jsonable(rec))
-        rec = _eval_record(plan.path, plan.key)
-    return done(rec, False)
+        return _eval_record(plan.path, plan.key)
+
+    return done(*_once(cfg, plan, refresh, lambda: _eval_record(plan.path, plan.key), build))
 
 
 # ------------------------------------------------------------------------------------------ planning

@@ -17,8 +17,9 @@ from typing import Any
 from mpafer.artifacts import atomic_write_json
 from mpafer.config import Config
 from mpafer.train.metrics import mean_and_std
+from mpafer.train.report import summary_name
 
-__all__ = ["aggregate_seed_summaries", "seed_dir", "seed_list", "train_seeds"]
+__all__ = ["aggregate_seed_summaries", "seed_config", "seed_dir", "seed_list", "train_seeds"]
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -30,8 +31,9 @@ def seed_dir(root_run_dir: str | os.PathLike[str], seed: int) -> Path:
     return Path(root_run_dir) / f"seed-{seed}"
 
 
-def _summary_file(split: str) -> str:
-    return "summary.json" if split == "test" else f"summary-{split}.json"
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The config of one run of the seed loop: ``train.seed`` = ``seed``, no ``train.seeds``."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "seeds": None})})
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -42,8 +44,10 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def aggregate_seed_summaries(summaries: Mapping[int, Mapping[str, Any]],
-                             root_run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Aggregate per-seed summaries (seed → summary.json dict) into mean ± std and summed confusion."""
+                             root_run_dir: str | os.PathLike[str] | None = None,
+                             extra_timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Aggregate per-seed summaries (seed → summary.json dict) into mean ± std and summed confusion;
+    ``extra_timings`` (e.g. the upstream pipeline stages) join the per-run timings summed over seeds."""
     if not summaries:
         raise ValueError("no seed summaries to aggregate")
     seeds = sorted(summaries)
@@ -85,7 +89,7 @@ def aggregate_seed_summaries(summaries: Mapping[int, Mapping[str, Any]],
         "config_key": first.get("config_key"),
         "config_keys": {str(s): summaries[s].get("config_key") for s in seeds},
         "throughput_img_s": round(tput, 2) if tput is not None else None,
-        "timings": timings,
+        "timings": {**timings, **dict(extra_timings or {})},
         "per_seed": {
             str(s): {"accuracy": summaries[s]["accuracy"],
                      "mean_class_accuracy": summaries[s]["mean_class_accuracy"],
@@ -95,7 +99,7 @@ def aggregate_seed_summaries(summaries: Mapping[int, Mapping[str, Any]],
         "artifacts": {
             "root": str(Path(root_run_dir).resolve()) if root_run_dir is not None else None,
             "runs": {str(s): (summaries[s].get("artifacts") or {}).get("run_dir") for s in seeds},
-            "summary": str((Path(root_run_dir) / _summary_file(first.get("split", "test"))).resolve())
+            "summary": str((Path(root_run_dir) / summary_name(first.get("split", "test"))).resolve())
             if root_run_dir is not None else None,
         },
     }
@@ -117,17 +121,15 @@ def train_seeds(
     Returns the aggregate (also written to ``root_run_dir/summary.json``).
     """
     from mpafer.train.loop import train
-    from mpafer.train.report import evaluate, summary_name
+    from mpafer.train.report import evaluate
 
     root = Path(root_run_dir)
     root.mkdir(parents=True, exist_ok=True)
     summaries: dict[int, dict[str, Any]] = {}
     for s in seed_list(cfg):
-        seed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": s, "seeds": None})})
         run_dir = seed_dir(root, s)
-        train(seed_cfg, manifest_path, text_features_path, prototypes_path, run_dir, progress=progress)
+        train(seed_config(cfg, s), manifest_path, text_features_path, prototypes_path, run_dir, progress=progress)
         summaries[s] = evaluate(run_dir, manifest_path, split=split)
-    aggregate = aggregate_seed_summaries(summaries, root)
-    aggregate["timings"] = {**aggregate["timings"], **dict(timings or {})}
+    aggregate = aggregate_seed_summaries(summaries, root, timings)
     atomic_write_json(root / summary_name(split), aggregate)
     return aggregate
