@@ -315,3 +315,16 @@ def make_csv_list(root: Path, rows: Sequence[Sequence[str]] | None = None, with_
                     rows.append([rel, label, split] if with_split else [rel, label])
     header = ["path", "label", "split"] if with_split else ["path", "label"]
     return _write_csv(root / "labels.csv", header, rows)
+
+
+def make_small_trees(base: Path) -> dict[str, Path]:
+    """One small tree per label-file format (one image per class and split) and an ``out`` folder: what the
+    property tests mutate label files of."""
+    return {
+        "rafdb": make_rafdb(base / "raf", train_per_class=1, test_per_class=1),
+        "csv": make_csv_list(base / "own"),
+        "affectnet": make_affectnet_a(base / "an", train_per_class=1, val_per_class=1),
+        "ferplus": make_ferplus_png(base / "fp", ferplus_rows(edge_cases=False)),
+        "fer2013": make_fer2013(base / "fer", per_class=1),
+        "out": base / "out",
+    }

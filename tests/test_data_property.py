@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from datasets_fixtures import ferplus_rows, make_affectnet_a, make_csv_list, make_ferplus_png, make_rafdb
+from datasets_fixtures import make_small_trees
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,14 +48,7 @@ def _csv_text(rows: list[list[str]]) -> str:
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("prop")
-    return {
-        "rafdb": make_rafdb(base / "raf", train_per_class=1, test_per_class=1),
-        "csv": make_csv_list(base / "own"),
-        "affectnet": make_affectnet_a(base / "an", train_per_class=1, val_per_class=1),
-        "ferplus": make_ferplus_png(base / "fp", ferplus_rows(edge_cases=False)),
-        "out": base / "out",
-    }
+    return make_small_trees(tmp_path_factory.mktemp("prop"))
 
 
 RAF_NAMES = st.sampled_from(

@@ -31,15 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from datasets_fixtures import (
-    ferplus_rows,
-    make_affectnet_a,
-    make_csv_list,
-    make_fer2013,
-    make_ferplus_png,
-    make_rafdb,
-    pixel_string,
-)
+from datasets_fixtures import make_small_trees, pixel_string
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -174,15 +166,7 @@ def test_cli_set_items_exit_cleanly(tmp_path_factory: pytest.TempPathFactory, it
 # ------------------------------------------------------------------------------------------ label files via the CLI
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("prop-inputs")
-    return {
-        "rafdb": make_rafdb(base / "raf", train_per_class=1, test_per_class=1),
-        "csv": make_csv_list(base / "own"),
-        "affectnet": make_affectnet_a(base / "an", train_per_class=1, val_per_class=1),
-        "ferplus": make_ferplus_png(base / "fp", ferplus_rows(edge_cases=False)),
-        "fer2013": make_fer2013(base / "fer", per_class=1),
-        "out": base / "out",
-    }
+    return make_small_trees(tmp_path_factory.mktemp("prop-inputs"))
 
 
 @contextlib.contextmanager
