@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_fixtures import frozen_open_clip
 
 from mpafer.errors import ConfigError
 from mpafer.model.text_prompts import FrozenTextEncoder, PromptedTextEncoder
 from mpafer.model.visual_prompts import PromptedImageEncoder, last_block_branch
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "mpafer" / "clip" / "model_configs"
 CLASSES = ["neutral", "happiness", "sadness"]
 
 
 @pytest.fixture(scope="module")
 def clip() -> tuple[Any, Any]:
-    import open_clip
-
-    open_clip.add_model_config(str(CONFIG_DIR))
-    torch.manual_seed(0)
-    model = open_clip.create_model("mpafer-tiny").eval()
-    model.requires_grad_(False)
-    return model, open_clip.get_tokenizer("mpafer-tiny")
+    return frozen_open_clip("mpafer-tiny")
 
 
 @pytest.fixture()

@@ -5,18 +5,17 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_fixtures import StandInTargets, frozen_open_clip
 
 from mpafer.config import ModelConfig
 from mpafer.errors import ArtifactError, ConfigError
 from mpafer.model import MPAFER, MPAOutput, cgla_local_scores
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "mpafer" / "clip" / "model_configs"
 CLASSES = ["neutral", "happiness", "sadness", "anger"]
 DESCRIPTIONS = ["raised cheeks", "lowered brows and a tight mouth"]
 VARIANTS = [
@@ -48,16 +47,6 @@ class StandInBackbone:
     context_length: int = 77
 
 
-@dataclass
-class StandInTargets:
-    """Duck-typed stand-in for mpafer.clip's TextTargets."""
-
-    class_targets: torch.Tensor
-    prompt_features: torch.Tensor
-    prompt_labels: torch.Tensor
-    token_means: torch.Tensor
-
-
 def _targets(model: Any, tok: Any) -> StandInTargets:
     texts, labels = [], []
     for c, name in enumerate(CLASSES):
@@ -81,13 +70,7 @@ def _targets(model: Any, tok: Any) -> StandInTargets:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, Any]:
-    import open_clip
-
-    open_clip.add_model_config(str(CONFIG_DIR))
-    torch.manual_seed(0)
-    model = open_clip.create_model("mpafer-tiny").eval()
-    model.requires_grad_(False)
-    tok = open_clip.get_tokenizer("mpafer-tiny")
+    model, tok = frozen_open_clip("mpafer-tiny")
     gen = torch.Generator().manual_seed(1)
     proto_images = torch.randn(len(CLASSES), 2, 3, 32, 32, generator=gen)
     with torch.no_grad():

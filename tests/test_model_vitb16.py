@@ -7,19 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from model_fixtures import StandInTargets, frozen_open_clip
 
 from mpafer.config import ModelConfig
 from mpafer.model import MPAFER
 
 CLASSES = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"]
-
-
-@dataclass
-class StandInTargets:
-    class_targets: torch.Tensor
-    prompt_features: torch.Tensor
-    prompt_labels: torch.Tensor
-    token_means: torch.Tensor
 
 
 @dataclass
@@ -31,12 +24,7 @@ class StandInBackbone:
 
 def test_vit_b16_mpa_forward_on_cpu() -> None:
     """Full MPA-FER on ViT-B/16 at 224 px, batch 2 (about 1-3 s of compute on one CPU core)."""
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16").eval()  # random init: no weights needed
-    model.requires_grad_(False)
-    tok = open_clip.get_tokenizer("ViT-B-16")
+    model, tok = frozen_open_clip("ViT-B-16")  # random init: no weights needed
     gen = torch.Generator().manual_seed(0)
     n_prompts = 2 * len(CLASSES)
     targets = StandInTargets(
