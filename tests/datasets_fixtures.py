@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -328,3 +330,20 @@ def make_small_trees(base: Path) -> dict[str, Path]:
         "fer2013": make_fer2013(base / "fer", per_class=1),
         "out": base / "out",
     }
+
+
+def build_or_data_error(cfg: Any, out: Path) -> None:
+    """Build the manifest of ``cfg`` (a DataConfig) into ``out``: a success holds rows, a failure is one
+    DataError line; anything else fails the test (hypothesis reports the input)."""
+    from mpafer.data.manifest import DataWarning, build_manifest, load_manifest
+    from mpafer.errors import DataError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        try:
+            result = build_manifest(cfg, out, progress=False)
+        except DataError as exc:
+            text = str(exc)
+            assert text and "\n" not in text and "Traceback" not in text, repr(text)
+            return
+    assert len(load_manifest(result.path)) == result.n_rows > 0

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import csv
 import io
-import warnings
 from pathlib import Path
 
 import pytest
-from datasets_fixtures import make_small_trees
+from datasets_fixtures import build_or_data_error, make_small_trees
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpafer.config import DataConfig
-from mpafer.data.manifest import DataWarning, build_manifest, load_manifest
-from mpafer.errors import DataError
 
 SETTINGS = settings(
     max_examples=40,
@@ -25,19 +22,6 @@ SETTINGS = settings(
 )
 ON_BAD = st.sampled_from(["error", "skip"])
 JUNK = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
-
-
-def _build_or_data_error(cfg: DataConfig, out: Path) -> None:
-    """Build; anything but success or DataError fails the test (hypothesis reports the input)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        try:
-            result = build_manifest(cfg, out, progress=False)
-        except DataError as exc:
-            assert "\n" not in str(exc) and str(exc)
-            return
-    m = load_manifest(result.path)
-    assert len(m) == result.n_rows > 0
 
 
 def _csv_text(rows: list[list[str]]) -> str:
@@ -68,7 +52,7 @@ def test_rafdb_label_file(trees: dict[str, Path], lines: list[str], raw: bytes |
     original = label_file.read_bytes()
     try:
         label_file.write_bytes(raw if raw is not None else (original.decode() + "\n".join(lines)).encode())
-        _build_or_data_error(DataConfig(dataset="rafdb", root=trees["rafdb"], on_bad=on_bad), trees["out"])
+        build_or_data_error(DataConfig(dataset="rafdb", root=trees["rafdb"], on_bad=on_bad), trees["out"])
     finally:
         label_file.write_bytes(original)
 
@@ -96,7 +80,7 @@ def test_csv_rows(trees: dict[str, Path], rows: list[list[str]], header: list[st
     try:
         body = original.splitlines(keepends=True)[1:] if header and header[:2] == ["path", "label"] else []
         path.write_text(_csv_text([header] if header else []) + "".join(body) + _csv_text(rows))
-        _build_or_data_error(DataConfig(dataset="csv", root=path, on_bad=on_bad), trees["out"])
+        build_or_data_error(DataConfig(dataset="csv", root=path, on_bad=on_bad), trees["out"])
     finally:
         path.write_text(original)
 
@@ -124,7 +108,7 @@ def test_affectnet_rows(
         extra = [[p, box, 0, 5, 5, "", expr, 0, 0] for p, box, expr in rows]
         path.write_text(original + _csv_text([[str(v) for v in r] for r in extra]))
         cfg = DataConfig(dataset="affectnet8", root=trees["affectnet"], on_bad=on_bad, affectnet_crop=crop)
-        _build_or_data_error(cfg, trees["out"])
+        build_or_data_error(cfg, trees["out"])
     finally:
         path.write_text(original)
 
@@ -146,6 +130,6 @@ def test_ferplus_label_csv(
     try:
         path.write_bytes(raw if raw is not None else original + _csv_text(rows).encode())
         cfg = DataConfig(dataset="ferplus", root=trees["ferplus"], on_bad=on_bad, ferplus_label_mode=mode)
-        _build_or_data_error(cfg, trees["out"])
+        build_or_data_error(cfg, trees["out"])
     finally:
         path.write_bytes(original)

@@ -31,13 +31,13 @@ from typing import Any
 
 import pytest
 import yaml
-from datasets_fixtures import make_small_trees, pixel_string
+from datasets_fixtures import build_or_data_error, make_small_trees, pixel_string
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mpafer.config import Config, DataConfig, load_config
-from mpafer.data.manifest import DataWarning, build_manifest, load_manifest
-from mpafer.errors import ArtifactError, ConfigError, DataError, MpaferError
+from mpafer.data.manifest import load_manifest
+from mpafer.errors import ArtifactError, ConfigError, MpaferError
 
 SETTINGS = settings(
     max_examples=40,
@@ -237,23 +237,12 @@ RAW = st.one_of(
 )
 
 
-def _build_or_data_error(cfg: DataConfig, out: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        try:
-            result = build_manifest(cfg, out, progress=False)
-        except DataError as exc:
-            one_line(exc)
-            return
-    assert len(load_manifest(result.path)) == result.n_rows > 0
-
-
 @SETTINGS
 @given(raw=RAW, append=st.booleans(), on_bad=st.sampled_from(["error", "skip"]))
 def test_csv_list_raw_bytes(trees: dict[str, Path], raw: bytes, append: bool, on_bad: str) -> None:
     path = trees["csv"]
     with replaced(path, path.read_bytes() + raw if append else raw):
-        _build_or_data_error(DataConfig(dataset="csv", root=path, on_bad=on_bad), trees["out"])
+        build_or_data_error(DataConfig(dataset="csv", root=path, on_bad=on_bad), trees["out"])
 
 
 @SETTINGS
@@ -261,7 +250,7 @@ def test_csv_list_raw_bytes(trees: dict[str, Path], raw: bytes, append: bool, on
 def test_affectnet_list_raw_bytes(trees: dict[str, Path], raw: bytes, append: bool, which: str) -> None:
     path = trees["affectnet"] / "Manually_Annotated_file_lists" / which
     with replaced(path, path.read_bytes() + raw if append else raw):
-        _build_or_data_error(DataConfig(dataset="affectnet7", root=trees["affectnet"]), trees["out"])
+        build_or_data_error(DataConfig(dataset="affectnet7", root=trees["affectnet"]), trees["out"])
 
 
 PIXELS = st.one_of(
@@ -289,7 +278,7 @@ def test_fer2013_rows(
     with replaced(path, body + _csv_bytes([list(r) for r in rows])):
         png_cache = trees["out"] / "png-cache"
         try:
-            _build_or_data_error(DataConfig(dataset="fer2013", root=trees["fer2013"], on_bad=on_bad,
+            build_or_data_error(DataConfig(dataset="fer2013", root=trees["fer2013"], on_bad=on_bad,
                                             png_cache=png_cache), trees["out"])
         finally:
             shutil.rmtree(png_cache, ignore_errors=True)
