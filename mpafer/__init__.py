@@ -3,4 +3,10 @@
 The library is plain, typed Python with no Prefect imports; ``flows/`` orchestrates it.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    #: The version defined once, in ``pyproject.toml``, as the installed package's metadata records it.
+    __version__ = version("mpafer")
+except PackageNotFoundError:  # a checkout on PYTHONPATH that was never installed
+    __version__ = "0+unknown"

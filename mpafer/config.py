@@ -14,10 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mpafer.errors import ConfigError
-
-#: Repository root (``configs/``, ``prompts_cache/`` and ``data_manifests/`` live here).
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+from mpafer.resources import CONFIG_DIR, shipped_file
 
 CANONICAL_CLASSES: tuple[str, ...] = (
     "neutral",
@@ -116,7 +113,8 @@ class LLMConfig(_Model):
     allow_fallback: bool = True
     #: Bounded re-asks after invalid JSON.
     max_reasks: int = Field(2, ge=0, le=10)
-    #: The committed descriptions used by ``model: cached``.
+    #: The descriptions used by ``model: cached``: a path from the current folder; the default (the curated
+    #: file, ``prompts_cache/curated.json`` in the repository) is shipped in the package and found anywhere.
     descriptions_file: Path = Path("prompts_cache/curated.json")
     #: diskcache folder for LLM responses (relative to the project folder).
     cache_dir: Path = Path("cache/llm")
@@ -311,13 +309,23 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``demo``, ``rafdb_vitb16``, ...), for ``--config``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def _find_config(name: str | os.PathLike[str]) -> Path:
+    """A config file: a path from the current folder, else a shipped config by name (``demo``,
+    ``datasets/rafdb.yaml``) or by its repository path (``configs/demo.yaml``, from any folder)."""
     p = Path(name)
-    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml", shipped_file(p)]
     for c in candidates:
-        if c.is_file():
+        if c is not None and c.is_file():
             return c
-    raise ConfigError(f"config file not found: {name} (looked in ., {CONFIG_DIR})")
+    raise ConfigError(
+        f"config file not found: {name} (neither a file from the current folder nor a shipped config: "
+        f"{', '.join(shipped_configs())})"
+    )
 
 
 def load_yaml_dict(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_llm_server import FakeLLMServer  # noqa: E402
 
 from mpafer.cli import main  # noqa: E402
-from mpafer.config import REPO_ROOT  # noqa: E402
+from mpafer.resources import CURATED_DESCRIPTIONS  # noqa: E402
 
 SECRET = "sk-test-SECRET-123"
 KEY_ENV = "MPAFER_TEST_LLM_KEY"
@@ -74,7 +74,7 @@ def test_describe_prints_path_and_counts(
 def test_describe_cached(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--classes", "ferplus", "--llm-model", "cached")
     assert code == 0, err
-    assert Path(out.splitlines()[0]).resolve() == (REPO_ROOT / "prompts_cache" / "curated.json").resolve()
+    assert Path(out.splitlines()[0]).resolve() == CURATED_DESCRIPTIONS.resolve()
     assert out.splitlines()[1] == "requests sent: 0, answers served from cache: 0"
 
 

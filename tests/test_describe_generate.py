@@ -17,9 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_llm_server import FakeLLMServer  # noqa: E402
 
-from mpafer.config import REPO_ROOT, LLMConfig  # noqa: E402
+from mpafer.config import LLMConfig  # noqa: E402
 from mpafer.describe import CLASS_SETS, get_descriptions, load_descriptions  # noqa: E402
 from mpafer.errors import ConfigError, LLMError  # noqa: E402
+from mpafer.resources import CURATED_DESCRIPTIONS  # noqa: E402
 
 SECRET = "sk-test-SECRET-123"
 KEY_ENV = "MPAFER_TEST_LLM_KEY"
@@ -196,9 +197,9 @@ def test_answers_are_cleaned_and_deduplicated(server: FakeLLMServer, tmp_path: P
 
 
 def test_cached_model_reads_committed_file_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)  # relative descriptions_file resolves against the repo root
+    monkeypatch.chdir(tmp_path)  # not in the current folder: the default resolves to the packaged file
     result = get_descriptions(RAFDB, LLMConfig(), tmp_path / "o", tmp_path / "c")
-    assert result.path == REPO_ROOT / "prompts_cache" / "curated.json"
+    assert result.path == CURATED_DESCRIPTIONS
     assert (result.n_requests, result.n_cached) == (0, 0)
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 

@@ -9,14 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpafer.config import CANONICAL_CLASSES, REPO_ROOT
+from mpafer.config import CANONICAL_CLASSES
 from mpafer.describe import compose_hard_prompts, count_tokens, load_descriptions
 from mpafer.describe.client import display_url, needs_api_key, parse_json_answer, server_host
 from mpafer.describe.generate import clean_answer, merge_descriptions, model_slug
 from mpafer.describe.schema import Descriptions, LLMProvenance
 from mpafer.errors import ConfigError
+from mpafer.resources import CURATED_DESCRIPTIONS
 
-CURATED = REPO_ROOT / "prompts_cache" / "curated.json"
+CURATED = CURATED_DESCRIPTIONS
 
 
 def test_curated_file_is_complete_and_short() -> None:

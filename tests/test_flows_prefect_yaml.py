@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("conftest_flows")
 from conftest_flows import PrefectServer  # noqa: E402
 
-from mpafer.config import REPO_ROOT, Config, load_config  # noqa: E402
+from mpafer.config import Config, load_config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytest_plugins = ["conftest_flows"]
 

@@ -24,8 +24,8 @@ from conftest_flows import tiny_config  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.artifacts import atomic_write_json, atomic_write_text, write_parquet  # noqa: E402
-from mpafer.config import REPO_ROOT  # noqa: E402
 from mpafer.errors import ConfigError, DataError  # noqa: E402
+from mpafer.resources import CURATED_DESCRIPTIONS  # noqa: E402
 
 ALL = list(P.STAGES)
 
@@ -164,7 +164,7 @@ def test_describe_key_uses_fields_that_shape_answers(tmp_path: Path) -> None:
     assert P.plan_describe(base, ["neutral"]).key != key
     cached = tiny_config(tmp_path)
     other_file = tmp_path / "d.json"
-    other_file.write_bytes((REPO_ROOT / "prompts_cache" / "curated.json").read_bytes() + b"\n")
+    other_file.write_bytes(CURATED_DESCRIPTIONS.read_bytes() + b"\n")
     assert P.plan_describe(cached, classes).key != P.plan_describe(
         tiny_config(tmp_path, f"llm.descriptions_file={other_file}"), classes).key
     with pytest.raises(ConfigError, match="not found"):
@@ -203,7 +203,7 @@ def test_selective_reexecution(tmp_path: Path, stand_ins: StandIns) -> None:
     assert s["executed"] == ["train", "evaluate"]
 
     other = tmp_path / "descriptions.json"
-    data = json.loads((REPO_ROOT / "prompts_cache" / "curated.json").read_text())
+    data = json.loads(CURATED_DESCRIPTIONS.read_text())
     data["classes"]["neutral"] = ["a relaxed face with no visible tension", *data["classes"]["neutral"][1:]]
     other.write_text(json.dumps(data))
     s, calls = run(tiny_config(project, f"llm.descriptions_file={other}"), stand_ins)

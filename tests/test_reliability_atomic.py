@@ -46,7 +46,9 @@ from test_reliability_helpers import (  # noqa: E402
 )
 
 from mpafer import pipeline as P  # noqa: E402
-from mpafer.config import REPO_ROOT, Config  # noqa: E402
+from mpafer.config import Config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ALL = list(P.STAGES)
 

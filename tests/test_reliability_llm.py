@@ -31,7 +31,9 @@ from fake_llm_server import FakeLLMServer, _make_handler  # noqa: E402
 from test_reliability_helpers import files_under, leftovers  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
-from mpafer.config import REPO_ROOT, Config  # noqa: E402
+from mpafer.config import Config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 from mpafer.errors import LLMError  # noqa: E402
 
 MODEL = "fake-outage"

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mpafer.config import REPO_ROOT, Config, build_config
+from mpafer.config import Config, build_config
+from mpafer.resources import CURATED_DESCRIPTIONS
 
 CLASSES = ["neutral", "happiness", "sadness"]
 _COLOURS = {"neutral": (200, 60, 60), "happiness": (60, 200, 60), "sadness": (60, 60, 200)}
@@ -77,7 +78,7 @@ def build_inputs(work: Path, val_per_class: int = 0) -> TrainInputs:
     res = build_manifest(DataConfig(dataset="folder", root=root), work / "manifests", progress=False)
     backbone = load_backbone(cfg.clip)
     classes = list(res.classes) if res.classes else CLASSES
-    tf = build_text_features(backbone, REPO_ROOT / "prompts_cache" / "curated.json", classes,
+    tf = build_text_features(backbone, CURATED_DESCRIPTIONS, classes,
                              cfg.model.granularities, work / "features")
     protos = build_prototypes(backbone, res.path, None, 0, work / "features", batch_size=64, num_workers=0,
                               progress=False)

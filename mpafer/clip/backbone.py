@@ -55,13 +55,12 @@ from torch import nn
 from mpafer.artifacts import sha256_file
 from mpafer.config import ClipConfig
 from mpafer.errors import ConfigError, WeightsError
+from mpafer.resources import MODEL_CONFIG_DIR, WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
-#: The package's open_clip model configs (``mpafer-tiny``, ``mpafer-face-tiny``).
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-#: Committed weights of package tags: ``<model>-<tag>.safetensors``.
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# MODEL_CONFIG_DIR: the package's open_clip model configs (``mpafer-tiny``, ``mpafer-face-tiny``);
+# WEIGHTS_DIR: committed weights of package tags, ``<model>-<tag>.safetensors`` (both package data).
 #: Package tags whose weights are committed under :data:`WEIGHTS_DIR` (model → tags).
 PACKAGE_TAGS: dict[str, tuple[str, ...]] = {"mpafer-face-tiny": ("synthetic-faces",)}
 #: Seed of the random initialisation behind ``pretrained: none`` (identity ``random``).

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mpafer import __version__
 from mpafer.artifacts import atomic_write_json, content_key, file_lock
-from mpafer.config import REPO_ROOT, LLMConfig
+from mpafer.config import LLMConfig
 from mpafer.describe.cache import CACHE_VERSION, ResponseCache, request_key
 from mpafer.describe.classes import class_set_name
 from mpafer.describe.client import DescriptionClient, Mode, answer_schema
@@ -26,6 +26,7 @@ from mpafer.describe.schema import (
     load_descriptions,
 )
 from mpafer.errors import ConfigError, LLMError
+from mpafer.resources import shipped_file
 
 #: CLIP's text context length (start and end tokens included).
 CLIP_CONTEXT_LENGTH = 77
@@ -138,11 +139,12 @@ def model_slug(model: str) -> str:
 
 
 def resolve_descriptions_file(path: str | os.PathLike[str]) -> Path:
-    """A descriptions file path: as given when it exists (relative to the cwd), else under the repo root."""
+    """A descriptions file path: as given when it exists (a relative path from the current folder), else
+    the packaged file of that repository path (``prompts_cache/curated.json``), else as given."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p
+    return shipped_file(p) or p
 
 
 def load_cached_descriptions(classes: Sequence[str], path: str | os.PathLike[str]) -> Path:
