@@ -94,8 +94,10 @@ class Backbone:
     context_length: int
     token_width: int
     embed_dim: int
+    #: open_clip's preprocessing of this model (``preprocess_cfg``): read by :attr:`resize_settings`.
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    fill_color: int = 0
     #: Where the weights came from (tag, file path, folder, hub id or ``random``), for messages.
     source: str = ""
     #: The pretrained tag whose preprocessing/activation was applied (``None`` when none applied).
@@ -120,6 +122,17 @@ class Backbone:
             )
         return emb
 
+    @property
+    def resize_settings(self) -> dict[str, Any]:
+        """Keyword arguments of ``mpafer.data.images.clip_transforms`` / ``decode_to_uint8_cache`` that make
+        them resize the way this model was trained (``interpolation``, ``resize_mode``, ``fill_color``)."""
+        return {"interpolation": self.interpolation, "resize_mode": self.resize_mode, "fill_color": self.fill_color}
+
+    @property
+    def default_resizing(self) -> bool:
+        """Whether :attr:`resize_settings` are open_clip's defaults (OpenAI CLIP: bicubic, shortest side)."""
+        return self.resize_settings == {"interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
     def metadata(self) -> dict[str, Any]:
         """The backbone fields every artifact records (JSON-serialisable)."""
         return {
@@ -132,6 +145,7 @@ class Backbone:
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            **self.resize_settings,
         }
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -630,6 +644,7 @@ def load_backbone(cfg: ClipConfig) -> Backbone:
         embed_dim=int(getattr(model.visual, "output_dim", 0)),
         interpolation=str(pp.get("interpolation", "bicubic")),
         resize_mode=str(pp.get("resize_mode", "shortest")),
+        fill_color=int(pp.get("fill_color", 0)),
         source=plan.source,
         reference_tag=plan.reference_tag,
     )

@@ -60,10 +60,10 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
 
 
 def test_transform(backbone: Backbone) -> Any:
-    """The test-time transform for ``backbone`` (mpafer.data.images: resize, centre crop, CLIP mean/std)."""
+    """The test-time transform for ``backbone`` (mpafer.data.images: its own resizing, CLIP mean/std)."""
     from mpafer.data.images import clip_transforms
 
-    return clip_transforms(backbone.image_size, backbone.mean, backbone.std)[1]
+    return clip_transforms(backbone.image_size, backbone.mean, backbone.std, **backbone.resize_settings)[1]
 
 
 def uint8_test_transform(backbone: Backbone) -> Any | None:
@@ -222,6 +222,8 @@ def prototypes_key(backbone: Backbone, manifest_key: str, subset: int | None, se
         subset,
         seed if subset is not None else None,
         crop,
+        # Only other resizing is keyed, so the keys of artifacts made with the defaults stay valid.
+        *([] if backbone.default_resizing else [backbone.resize_settings]),
     )
 
 

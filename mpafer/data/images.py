@@ -8,6 +8,10 @@ Two ways to feed the model:
   ``uint8`` tensor ``[N, 3, S, S]``; :func:`gpu_augment` then does random-resized-crop + flip (one batched
   ``affine_grid``/``grid_sample``), normalisation and random erasing on whatever device the batch lives
   on, and :func:`normalize_uint8` prepares evaluation batches.
+
+Both paths resize as the backbone declares (``interpolation``: bicubic or bilinear; ``resize_mode``:
+shortest side + centre crop, longest side + pad, or squash), through one definition,
+:func:`resize_steps`, taken from open_clip's own test transform.
 """
 
 from __future__ import annotations
@@ -88,18 +92,57 @@ class ToRGB:
         return f"{type(self).__name__}()"
 
 
+#: open_clip's preprocessing defaults (``open_clip.transform.PreprocessCfg``): OpenAI CLIP's settings.
+DEFAULT_INTERPOLATION = "bicubic"
+DEFAULT_RESIZE_MODE = "shortest"
+
+
+def resize_steps(
+    image_size: int,
+    interpolation: str = DEFAULT_INTERPOLATION,
+    resize_mode: str = DEFAULT_RESIZE_MODE,
+    fill_color: int = 0,
+) -> list[Callable[[Image.Image], Image.Image]]:
+    """The geometric part of open_clip's test transform (PIL → PIL ``image_size`` square).
+
+    Taken from ``open_clip.image_transform(image_size, is_train=False, ...)`` up to its tensor conversion,
+    so the sizes, rounding and crop/pad offsets are open_clip's: ``shortest`` = resize the shorter side,
+    centre crop; ``longest`` = resize the longer side, centre pad with ``fill_color``; ``squash`` = resize
+    both sides (the aspect ratio is not kept). ``interpolation`` is ``bicubic`` or ``bilinear``.
+    """
+    from open_clip.transform import image_transform
+
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode must be 'shortest', 'longest' or 'squash', got {resize_mode!r}")
+    steps = list(
+        image_transform(
+            image_size, is_train=False, interpolation=interpolation, resize_mode=resize_mode, fill_color=fill_color
+        ).transforms
+    )
+    # Everything before ToTensor works on the PIL image (the mode conversion is a no-op after ToRGB).
+    return steps[: next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)]
+
+
 def clip_transforms(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     train_cfg: TrainConfig | None = None,
+    *,
+    interpolation: str = DEFAULT_INTERPOLATION,
+    resize_mode: str = DEFAULT_RESIZE_MODE,
+    fill_color: int = 0,
 ) -> tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], torch.Tensor]]:
     """The CLIP train and test transforms (PIL image → normalised float tensor ``[3, S, S]``).
 
-    * test: RGB → resize the shorter side to ``image_size`` (bicubic) → centre crop → ToTensor →
-      Normalize(``mean``, ``std``);
+    Pass the backbone's own preprocessing (``**backbone.resize_settings``; the defaults are OpenAI CLIP's):
+
+    * test: RGB → :func:`resize_steps` (by default: shorter side to ``image_size``, bicubic, centre crop)
+      → ToTensor → Normalize(``mean``, ``std``);
     * train (``train_cfg.augment``): RGB → RandomResizedCrop(``image_size``, scale
-      ``(crop_scale_min, 1)``, bicubic) → RandomHorizontalFlip → ToTensor → Normalize →
+      ``(crop_scale_min, 1)``, ``interpolation``) → RandomHorizontalFlip → ToTensor → Normalize →
       RandomErasing(``p=erasing_p``). Without ``train_cfg`` or with ``augment: false`` the train transform
       is the test transform.
 
@@ -109,15 +152,8 @@ def clip_transforms(
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     normalize = T.Normalize(mean=list(mean), std=list(std))
-    test_tf = T.Compose(
-        [
-            ToRGB(),
-            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            normalize,
-        ]
-    )
+    resize = resize_steps(image_size, interpolation, resize_mode, fill_color)
+    test_tf = T.Compose([ToRGB(), *resize, T.ToTensor(), normalize])
     if train_cfg is None or not train_cfg.augment:
         return test_tf, test_tf
     train_tf = T.Compose(
@@ -126,7 +162,7 @@ def clip_transforms(
             T.RandomResizedCrop(
                 image_size,
                 scale=(float(train_cfg.crop_scale_min), 1.0),
-                interpolation=InterpolationMode.BICUBIC,
+                interpolation=InterpolationMode(interpolation),
                 antialias=True,
             ),
             T.RandomHorizontalFlip(),
@@ -248,44 +284,33 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------ uint8 cache path
-def _decode_resized(path: Path, image_size: int, box: tuple[float, float, float, float] | None) -> np.ndarray:
-    """Load, resize the shorter side (bicubic) and centre-crop exactly like the test transform."""
-    img = load_image(path, box)
-    w, h = img.size
-    if w <= h:  # torchvision's Resize(int): the longer side is truncated, not rounded
-        nw, nh = image_size, int(image_size * h / w)
-    else:
-        nw, nh = int(image_size * w / h), image_size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
-    if (nw, nh) != (image_size, image_size):
-        top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
-        img = img.crop((left, top, left + image_size, top + image_size))
-    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
-
-
 def decode_to_uint8_cache(
     items: Sequence[tuple[str | Path, int]],
     image_size: int,
     num_workers: int = 0,
     boxes: dict[str, tuple[float, float, float, float]] | None = None,
+    *,
+    interpolation: str = DEFAULT_INTERPOLATION,
+    resize_mode: str = DEFAULT_RESIZE_MODE,
+    fill_color: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a split once: ``(uint8 Tensor[N, 3, S, S], int64 labels[N])``.
 
-    Each image is converted to RGB, its shorter side resized to ``image_size`` (bicubic) and centre
-    cropped — the test transform without normalisation, so :func:`normalize_uint8` of the cache equals the
-    test transform up to rounding to uint8. ``num_workers > 1`` decodes with that many threads (PIL releases
-    the GIL while decoding and resizing). ``boxes`` maps ``str(path)`` to a face box to crop first.
-    Raises :class:`DataError` naming the first unreadable file.
+    Each image is converted to RGB and resized by :func:`resize_steps` with the backbone's settings (pass
+    ``**backbone.resize_settings``) — the test transform without normalisation, so :func:`normalize_uint8`
+    of the cache equals the test transform exactly. ``num_workers > 1`` decodes with that many threads
+    (PIL releases the GIL while decoding and resizing). ``boxes`` maps ``str(path)`` to a face box to crop
+    first. Raises :class:`DataError` naming the first unreadable file.
     """
     n = len(items)
     out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
     labels = torch.tensor([int(y) for _, y in items], dtype=torch.int64)
     boxes = boxes or {}
+    resize = T.Compose(resize_steps(image_size, interpolation, resize_mode, fill_color))
 
     def work(i: int) -> None:
         path = Path(items[i][0])
-        arr = _decode_resized(path, image_size, boxes.get(str(path)))
+        arr = np.array(resize(load_image(path, boxes.get(str(path)))), dtype=np.uint8)  # writable copy
         out[i].copy_(torch.from_numpy(arr).permute(2, 0, 1))
 
     if num_workers > 1 and n > 1:

@@ -171,7 +171,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     model = build_model(inf_cfg, backbone, classes, targets, None)
     model.load_prompt_state_dict({k: v.to(dev) for k, v in tensors.items()})  # type: ignore[operator]
     model.eval()
-    _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None)
+    _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None, **backbone.resize_settings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, classes=classes, backbone=backbone, model=model,
                      test_transform=test_tf, device=dev, amp_dtype=resolve_amp(cfg.train, dev), meta=meta,
                      run_info=info)
