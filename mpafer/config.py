@@ -73,7 +73,7 @@ class DataConfig(_Model):
     root: Path | None = None
     #: RAF-DB image set.
     rafdb_images: Literal["aligned", "original"] = "aligned"
-    #: FERPlus label rule (DATASETS.md).
+    #: FERPlus label rule (docs/DATASETS.md).
     ferplus_label_mode: Literal["majority", "argmax"] = "majority"
     #: AffectNet layout-A face crop from the box columns.
     affectnet_crop: Literal["none", "box"] = "none"
@@ -103,7 +103,7 @@ class LLMConfig(_Model):
     max_tokens: int = Field(800, ge=16)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0, le=20)
-    #: Descriptions per class (METHOD.md §2: up to 5).
+    #: Descriptions per class (docs/METHOD.md §2: up to 5).
     n_descriptions: int = Field(5, ge=1, le=50)
     question: str = "What are the most useful visual features to distinguish the facial expression of {class_name}?"
     extra_questions: list[str] = Field(default_factory=list)
@@ -216,7 +216,7 @@ class TrainConfig(_Model):
     warmup_lr: float = Field(1e-5, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     sampler: Literal["random", "balanced"] = "random"
-    #: Training augmentation (METHOD.md §5): RandomResizedCrop(0.8-1) + flip + RandomErasing(0.25).
+    #: Training augmentation (docs/METHOD.md §5): RandomResizedCrop(0.8-1) + flip + RandomErasing(0.25).
     augment: bool = True
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     erasing_p: float = Field(0.25, ge=0, le=1)

@@ -512,7 +512,7 @@ def plan_text_features(cfg: Config, describe: StageResult, classes: Sequence[str
 def stage_text_features(
     cfg: Config, describe: StageResult, classes: Sequence[str], *, refresh: bool = False
 ) -> StageResult:
-    """Frozen-CLIP features of the hard prompts (METHOD.md §2), one Parquet row per prompt."""
+    """Frozen-CLIP features of the hard prompts (docs/METHOD.md §2), one Parquet row per prompt."""
     t0 = time.perf_counter()
     plan = plan_text_features(cfg, describe, classes)
 

@@ -1,4 +1,4 @@
-"""Builders of tiny dataset trees in exactly the on-disk layouts of ``/work/shared/DATASETS.md``.
+"""Builders of tiny dataset trees in exactly the on-disk layouts of ``docs/DATASETS.md``.
 
 Every builder takes a target folder, writes a small but complete tree (every class present in every
 split, every image unique) and returns the folder to pass as ``data.root``. Reusable by any test::

@@ -35,7 +35,7 @@ def test_composition_merges_dataset_and_backbone() -> None:
     assert cfg.clip.model == "ViT-L-14"
     assert cfg.clip.pretrained == "openai"
     assert str(cfg.pipeline.project_dir).endswith("rafdb_vitl14")
-    # METHOD.md §5 defaults survive composition
+    # docs/METHOD.md §5 defaults survive composition
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (120, 32, 0.032)
     assert cfg.model.n_ctx == 10 and cfg.model.n_visual_tokens == 8 and cfg.model.topk == 16
 

@@ -1,4 +1,4 @@
-"""Each dataset adapter on tiny trees in the exact layouts of DATASETS.md (through build_manifest)."""
+"""Each dataset adapter on tiny trees in the exact layouts of docs/DATASETS.md (through build_manifest)."""
 
 from __future__ import annotations
 

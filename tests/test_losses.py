@@ -1,4 +1,4 @@
-"""The MPA-FER losses against values worked out by hand (METHOD.md §3)."""
+"""The MPA-FER losses against values worked out by hand (docs/METHOD.md §3)."""
 
 from __future__ import annotations
 

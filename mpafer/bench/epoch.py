@@ -8,7 +8,7 @@ loop's own step (:func:`mpafer.train.loop.make_step_fn`, compiled on CUDA by def
 Reported: ``setup_s`` (building the data path: the one-off decode into the cache), ``warmup_s`` (the first
 ``warmup`` steps: compilation), the wall time of each timed epoch and its images/s, and
 ``estimate_protocol_min``: ``setup_s + warmup_s + protocol_epochs × epoch_s`` — with ``--batch-size 32``
-and 120 epochs, the paper's protocol (METHOD.md §5) on RAF-DB. Evaluation is not included (RAF-DB has no
+and 120 epochs, the paper's protocol (docs/METHOD.md §5) on RAF-DB. Evaluation is not included (RAF-DB has no
 validation split by default; the final test pass of 3,068 images is a second or less).
 """
 

@@ -77,7 +77,7 @@ def run_train_step(
     ``compile`` ``None`` = on for CUDA. FLOPs per image are counted by ``FlopCounterMode`` on one eager
     step (forward + losses + backward; the optimizer update is negligible) at ``batch_size``. Utilisation
     ``mfu`` is achieved TFLOP/s over ``peak`` (``--peak-tflops``, else the H100/H200 datasheet's dense
-    bf16 989); ``mfu_vs_reference`` uses DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own
+    bf16 989); ``mfu_vs_reference`` uses docs/DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own
     large-matmul measurement.
     """
     from mpafer.train.loop import compile_on, compile_step, make_step_fn

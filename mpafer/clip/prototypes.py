@@ -1,4 +1,4 @@
-"""Class prototypes from the frozen image encoder (METHOD.md §3, L_v), stored as a Parquet artifact.
+"""Class prototypes from the frozen image encoder (docs/METHOD.md §3, L_v), stored as a Parquet artifact.
 
 p_c = mean over the class's training images of the frozen CLIP global image feature (no prompts, the
 test-time transform). Each feature is L2-normalised before averaging and the mean is stored as is (not

@@ -1,8 +1,8 @@
-"""Frozen hard-prompt text features (METHOD.md §2) stored as a content-keyed Parquet artifact.
+"""Frozen hard-prompt text features (docs/METHOD.md §2) stored as a content-keyed Parquet artifact.
 
 One row per hard prompt (coarse, task, fine per description) with its L2-normalised frozen text feature
 (``embedding``) and the mean of its ``token_embedding`` outputs over the real tokens strictly between SOS
-and EOS (``token_mean``, the hard side of L_ta, METHOD.md §3), plus one row per class with granularity
+and EOS (``token_mean``, the hard side of L_ta, docs/METHOD.md §3), plus one row per class with granularity
 ``target``: the class target θ(t_c*) = mean of the class's normalised fine-prompt features, re-normalised
 (the finest granularity present when ``fine`` is not requested). A target row's ``token_mean`` is the mean
 of its source prompts' token means, its ``text`` says what it aggregates, ``n_tokens`` is 0 and

@@ -3,7 +3,7 @@
 Two ways to feed the model:
 
 * **PIL path** — :func:`clip_transforms` + :class:`ManifestDataset` in a ``DataLoader``: decode, crop,
-  flip, normalise and erase per image on the CPU (METHOD.md §5 augmentation).
+  flip, normalise and erase per image on the CPU (docs/METHOD.md §5 augmentation).
 * **Cache path** — :func:`decode_to_uint8_cache` decodes and resizes a split once into a
   ``uint8`` tensor ``[N, 3, S, S]``; :func:`gpu_augment` then does random-resized-crop + flip (one batched
   ``affine_grid``/``grid_sample``), normalisation and random erasing on whatever device the batch lives

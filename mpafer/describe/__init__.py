@@ -3,7 +3,7 @@
 - :func:`get_descriptions` — the committed file (``llm.model == "cached"``) or an LLM generation,
   cached per request and written atomically (``generate.py``).
 - :class:`Descriptions`, :func:`load_descriptions` — the descriptions file (``schema.py``).
-- :func:`compose_hard_prompts`, :data:`TEMPLATES`, :class:`HardPrompt` — METHOD.md §2 (``prompts.py``).
+- :func:`compose_hard_prompts`, :data:`TEMPLATES`, :class:`HardPrompt` — docs/METHOD.md §2 (``prompts.py``).
 - :data:`CLASS_SETS`, :func:`resolve_classes` — class lists per dataset (``classes.py``).
 """
 

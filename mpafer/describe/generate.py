@@ -1,4 +1,4 @@
-"""Multi-granularity descriptions: ask the LLM METHOD.md §2's question (plus extra questions) per class,
+"""Multi-granularity descriptions: ask the LLM docs/METHOD.md §2's question (plus extra questions) per class,
 validate and cache the answers, and write one descriptions file when every class succeeded.
 """
 
@@ -60,7 +60,7 @@ class DescribeResult:
 
 # ------------------------------------------------------------------------------------------ messages
 def questions_of(llm: LLMConfig) -> list[str]:
-    """METHOD.md's question followed by the extra questions (duplicates dropped, order kept)."""
+    """docs/METHOD.md's question followed by the extra questions (duplicates dropped, order kept)."""
     out: list[str] = []
     for q in [llm.question, *llm.extra_questions]:
         if q not in out:

@@ -1,4 +1,4 @@
-"""Hard prompts of three granularities (METHOD.md §2) composed from class names and descriptions."""
+"""Hard prompts of three granularities (docs/METHOD.md §2) composed from class names and descriptions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mpafer.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from mpafer.describe.schema import Descriptions
 
-#: The hard-prompt templates, exactly as METHOD.md §2.
+#: The hard-prompt templates, exactly as docs/METHOD.md §2.
 TEMPLATES: dict[str, str] = {
     "coarse": "a photo of {class_name}.",
     "task": "a photo of a person making a facial expression of {class_name}.",

@@ -1,4 +1,4 @@
-"""Prompt learners, the MPA-FER module (CGLA head) and the losses (METHOD.md §1, §3).
+"""Prompt learners, the MPA-FER module (CGLA head) and the losses (docs/METHOD.md §1, §3).
 
 - :class:`MPAFER` / :class:`MPAOutput` (``mpa.py``): the module the training code builds from a config.
 - :class:`PromptedTextEncoder`, :class:`CoOpPromptLearner`, :class:`FrozenTextEncoder` (``text_prompts.py``).

@@ -1,8 +1,8 @@
-"""MPA-FER losses as pure functions on tensors (METHOD.md §3).
+"""MPA-FER losses as pure functions on tensors (docs/METHOD.md §3).
 
 All functions compute in float32 whatever the input dtype, so that they can be called inside a bf16
 autocast region on the GPU without losing precision (the caller's tensors are cast at the boundary).
-Cosine similarity is used wherever METHOD.md writes ``sim``.
+Cosine similarity is used wherever docs/METHOD.md writes ``sim``.
 
 Notation: C classes, N hard prompts (several per class), B images, D the joint embedding width, W the
 width of the text token embedding.
@@ -32,14 +32,14 @@ def _f32(x: Tensor) -> Tensor:
 
 
 def anchor_contrastive(soft: Tensor, anchors: Tensor, anchor_labels: Tensor, tau: float) -> Tensor:
-    """Anchor-wise contrastive loss shared by ``L_ta`` and the contrastive ``L_pa`` (METHOD.md §3).
+    """Anchor-wise contrastive loss shared by ``L_ta`` and the contrastive ``L_pa`` (docs/METHOD.md §3).
 
     For every anchor ``a_n`` (a hard prompt, label ``y_n``) the probability that its own class's soft
     prompt wins over the soft prompts of all classes is
     ``P(y_n | a_n) = exp(cos(s_{y_n}, a_n)/tau) / sum_c exp(cos(s_c, a_n)/tau)``.
     The loss averages ``-log P`` first over the anchors of each class and then over the classes that
     have at least one anchor, so that every class weighs the same however many hard prompts (e.g.
-    descriptions) it has. With one anchor per class this is exactly METHOD.md's
+    descriptions) it has. With one anchor per class this is exactly docs/METHOD.md's
     ``L = -(1/C) sum_d log P(y_d | t_d)``.
 
     Args:
@@ -68,7 +68,7 @@ def anchor_contrastive(soft: Tensor, anchors: Tensor, anchor_labels: Tensor, tau
 def loss_ta(
     soft_token_means: Tensor, hard_token_means: Tensor, hard_labels: Tensor, tau: float = 0.07
 ) -> Tensor:
-    """Token-level soft-hard alignment ``L_ta`` (METHOD.md §3).
+    """Token-level soft-hard alignment ``L_ta`` (docs/METHOD.md §3).
 
     ``P(y_d | t_d) = exp(sim(t_d, t_d*)/tau) / sum_c exp(sim(t_c, t_d*)/tau)`` with ``t_c`` the
     token-level mean of class c's soft prompt (context vectors + class-name tokens + '.', i.e. every
@@ -80,13 +80,13 @@ def loss_ta(
         soft_token_means: ``[C, W]``.
         hard_token_means: ``[N, W]``.
         hard_labels: ``[N]`` long.
-        tau: temperature, METHOD.md default 0.07.
+        tau: temperature, docs/METHOD.md default 0.07.
     """
     return anchor_contrastive(soft_token_means, hard_token_means, hard_labels, tau)
 
 
 def loss_pa_l1(text_feats: Tensor, class_targets: Tensor) -> Tensor:
-    """Prompt-level soft-hard alignment ``L_pa``, L1 form (METHOD.md §3).
+    """Prompt-level soft-hard alignment ``L_pa``, L1 form (docs/METHOD.md §3).
 
     ``L_pa = (1/C) sum_c || norm θ(t_c) - norm θ(t_c*) ||_1`` where the L1 norm sums over the D feature
     dimensions and ``θ(t_c*)`` is the class target (mean of the class's hard-prompt features).
@@ -103,7 +103,7 @@ def loss_pa_l1(text_feats: Tensor, class_targets: Tensor) -> Tensor:
 def loss_pa_contrastive(
     text_feats: Tensor, hard_prompt_features: Tensor, hard_labels: Tensor, tau: float = 0.07
 ) -> Tensor:
-    """Prompt-level soft-hard alignment ``L_pa``, contrastive form (METHOD.md §3, ``prompt_align: contrastive``).
+    """Prompt-level soft-hard alignment ``L_pa``, contrastive form (docs/METHOD.md §3, ``prompt_align: contrastive``).
 
     The ``L_ta`` form applied to encoder outputs: anchors are the frozen hard-prompt features
     ``θ(t_d*)`` ``[N, D]``, candidates the soft-prompt class features ``θ(t_c)`` ``[C, D]``; same
@@ -115,7 +115,7 @@ def loss_pa_contrastive(
 def loss_v(
     global_feats: Tensor, prototypes: Tensor, labels: Tensor, metric: Literal["cosine", "l1"] = "cosine"
 ) -> Tensor:
-    """Prototype-guided visual alignment ``L_v`` (METHOD.md §3).
+    """Prototype-guided visual alignment ``L_v`` (docs/METHOD.md §3).
 
     ``L_v = (1/B) sum_i M(z_i^g, p_{y_i})`` with ``M = 1 - cos`` (``cosine``, the default) or the L1
     distance between the L2-normalised vectors, summed over the D dimensions (``l1``).
@@ -136,7 +136,7 @@ def loss_v(
 
 
 def loss_vt(logits: Tensor, labels: Tensor) -> Tensor:
-    """Classification loss ``L_vt`` = cross-entropy of ``s / tau_cls`` (METHOD.md §3), mean over the batch."""
+    """Classification loss ``L_vt`` = cross-entropy of ``s / tau_cls`` (docs/METHOD.md §3), mean over the batch."""
     return F.cross_entropy(_f32(logits), labels)
 
 
@@ -148,7 +148,7 @@ def total_loss(
     beta: float = 1.0,
     gamma: float = 1.0,
 ) -> Tensor:
-    """``L = L_vt + beta (L_ta + L_pa) + gamma L_v`` (METHOD.md §3); a part given as ``None`` counts as 0."""
+    """``L = L_vt + beta (L_ta + L_pa) + gamma L_v`` (docs/METHOD.md §3); a part given as ``None`` counts as 0."""
     total = vt
     if ta is not None:
         total = total + beta * ta

@@ -1,4 +1,4 @@
-"""The MPA-FER module: frozen CLIP + CoOp text prompts + VPT-deep visual prompts + CGLA head (METHOD.md §1, §3, §4).
+"""The MPA-FER module: frozen CLIP + CoOp text prompts + VPT-deep visual prompts + CGLA head (docs/METHOD.md §1, §3, §4).
 
 ``MPAFER(backbone, classnames, cfg, targets, prototypes)`` follows the Model contract of
 docs/DEVELOPING.md. Which components are on is read from ``cfg.variant`` through the ``ModelConfig.use_*``
@@ -17,7 +17,7 @@ mpa                        yes           yes             yes       yes         y
 =========================  ============  ==============  ========  ==========  =====
 
 Without text prompts (``zeroshot``, ``vpt``) the classifier weights are the frozen hard-prompt class
-targets θ(t_c*) (``targets.class_targets``, METHOD.md §2), so both baselines need ``targets``.
+targets θ(t_c*) (``targets.class_targets``, docs/METHOD.md §2), so both baselines need ``targets``.
 
 Scores: ``S_g(x, c) = cos(z^g, θ(t_c))``; with CGLA ``S_l(x, c)`` = mean of the top-k (per class) of
 ``cos(z_i^l, θ(t_c))`` over the patches i, ``k = min(cfg.topk, n_patches)``, and ``s = S_g + S_l``;
@@ -69,7 +69,7 @@ class MPAOutput:
 
 
 def cgla_local_scores(local_features: Tensor, text_features: Tensor, k: int) -> Tensor:
-    """CGLA local score ``S_l`` (METHOD.md §3).
+    """CGLA local score ``S_l`` (docs/METHOD.md §3).
 
     Args:
         local_features: ``[B, P, D]`` normalised local features z_i^l.
@@ -291,7 +291,7 @@ class MPAFER(nn.Module):
 
     # ------------------------------------------------------------------------------------ losses
     def loss(self, out: MPAOutput, labels: Tensor) -> dict[str, Tensor]:
-        """The training loss and its parts (METHOD.md §3).
+        """The training loss and its parts (docs/METHOD.md §3).
 
         Returns:
             ``total`` and ``vt`` always; ``ta`` and ``pa`` with the alignment loss; ``v`` with the

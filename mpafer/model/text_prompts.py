@@ -1,4 +1,4 @@
-"""CoOp text prompts on a frozen open_clip text tower (METHOD.md §1, "Text soft prompts").
+"""CoOp text prompts on a frozen open_clip text tower (docs/METHOD.md §1, "Text soft prompts").
 
 A class prompt is ``[SOS] V1 .. VM <class name tokens> . [EOS] <pad>...``: M learnable context vectors
 replace the token embeddings of M placeholder tokens at the input of the frozen text transformer
@@ -217,7 +217,7 @@ def _eos_positions(token_ids: Tensor, pool_type: str, eos_id: int | None) -> Ten
 
 
 class CoOpPromptLearner(nn.Module):
-    """CoOp context vectors and the frozen remainder of every class prompt (METHOD.md §1).
+    """CoOp context vectors and the frozen remainder of every class prompt (docs/METHOD.md §1).
 
     The prompt of class c is ``[SOS] V1..VM <name_c> . [EOS]``. ``ctx`` is ``[M, W]`` (shared,
     the default) or ``[C, M, W]`` (``class_specific``), float32, initialised N(0, ctx_std²) or, when
@@ -314,7 +314,7 @@ class CoOpPromptLearner(nn.Module):
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
     def token_means(self, embeddings: Tensor) -> Tensor:
-        """Token-level mean of each soft prompt ``[C, W]`` for L_ta (METHOD.md §3).
+        """Token-level mean of each soft prompt ``[C, W]`` for L_ta (docs/METHOD.md §3).
 
         Mean of ``embeddings`` over the tokens strictly between SOS and EOS: the M context vectors, the
         class-name tokens and the period, the same set of positions over which the hard prompts'

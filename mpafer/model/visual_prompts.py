@@ -1,4 +1,4 @@
-"""VPT-deep visual prompts on a frozen open_clip ``VisionTransformer`` (METHOD.md §1, "Visual prompts").
+"""VPT-deep visual prompts on a frozen open_clip ``VisionTransformer`` (docs/METHOD.md §1, "Visual prompts").
 
 Token layout inside the transformer: ``[CLS, P_1..P_Np, patch_1..patch_n]``.
 

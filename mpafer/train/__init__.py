@@ -1,4 +1,4 @@
-"""Training, evaluation, reports and prediction (METHOD.md §4–5; DESIGN.md "Run directory").
+"""Training, evaluation, reports and prediction (docs/METHOD.md §4–5; docs/DESIGN.md "Run directory").
 
 - :func:`train` (``loop.py``): resumable SGD on the prompts of a frozen CLIP → a run directory.
 - :func:`evaluate` (``report.py``): ``summary.json``, confusion/curves PNGs, ``report.md``.

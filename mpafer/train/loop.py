@@ -1,4 +1,4 @@
-"""The training loop (METHOD.md §5): SGD on the prompts of a frozen CLIP, resumable to the step.
+"""The training loop (docs/METHOD.md §5): SGD on the prompts of a frozen CLIP, resumable to the step.
 
 ``train(cfg, manifest_path, text_features_path, prototypes_path, run_dir)``:
 

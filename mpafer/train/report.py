@@ -4,7 +4,7 @@
 ``prompts.safetensors`` (exactly what ``predict`` uses), computes the class text features once, runs the
 split through the prompted encoder and writes, atomically, into ``run_dir``:
 
-* ``summary.json`` (``summary-<split>.json`` for another split) with at least DESIGN.md's keys
+* ``summary.json`` (``summary-<split>.json`` for another split) with at least docs/DESIGN.md's keys
   ``accuracy, mean_class_accuracy, per_class_accuracy, confusion, classes, n_train, n_test,
   trainable_params, epochs, config_key, artifacts, timings, throughput_img_s``;
 * ``confusion.png`` and ``curves.png`` (training curves from ``metrics.jsonl``; none for zero-shot);
@@ -35,7 +35,7 @@ __all__ = [
     "summary_name",
 ]
 
-#: Keys every summary.json carries (DESIGN.md).
+#: Keys every summary.json carries (docs/DESIGN.md).
 SUMMARY_KEYS = (
     "accuracy",
     "mean_class_accuracy",

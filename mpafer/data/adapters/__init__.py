@@ -1,4 +1,4 @@
-"""Dataset adapters: one module per on-disk layout (``DATASETS.md``), selected by ``data.dataset``.
+"""Dataset adapters: one module per on-disk layout (``docs/DATASETS.md``), selected by ``data.dataset``.
 
 Each adapter is a function ``DataConfig -> Listing`` (:mod:`mpafer.data.adapters.base`).
 """

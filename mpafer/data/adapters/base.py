@@ -1,6 +1,6 @@
 """What every dataset adapter returns, canonical class names, and careful readers for label files.
 
-An adapter turns a dataset folder (in the layout its users received it, see ``DATASETS.md``) into a
+An adapter turns a dataset folder (in the layout its users received it, see ``docs/DATASETS.md``) into a
 :class:`Listing`: the image paths relative to the dataset root with their label and split, plus the
 rows it could not use. It never opens the images; the manifest builder hashes and verifies them.
 

@@ -1,6 +1,6 @@
 """FERPlus: FER2013's images with the ten-annotator votes of ``fer2013new.csv``.
 
-Two layouts are accepted (``DATASETS.md``):
+Two layouts are accepted (``docs/DATASETS.md``):
 
 * **CSV pair** ``fer2013.csv`` (``emotion,pixels,Usage``) + ``fer2013new.csv`` (``Usage,Image name,
   neutral,...,unknown,NF``), rows corresponding one to one. The pixels are decoded once into the PNG

@@ -1,6 +1,6 @@
 """RAF-DB (basic emotion subset).
 
-Layout (``DATASETS.md``)::
+Layout (``docs/DATASETS.md``)::
 
     basic/EmoLabel/list_patition_label.txt      # "train_00001.jpg 5" / "test_0001.jpg 7"
     basic/Image/original/train_00001.jpg
