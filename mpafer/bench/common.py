@@ -14,6 +14,7 @@ from torch import nn
 
 from mpafer.config import CANONICAL_CLASSES, ClipConfig, ModelConfig
 from mpafer.errors import ConfigError
+from mpafer.runtime import resolve_device
 
 __all__ = [
     "DATASHEET_PEAK_TFLOPS",
@@ -28,7 +29,6 @@ __all__ = [
     "device_name",
     "measure_matmul_tflops",
     "peak_tflops",
-    "resolve_amp_dtype",
     "resolve_bench_device",
     "sync",
     "write_profile",
@@ -90,14 +90,8 @@ def class_names(n: int) -> list[str]:
 
 
 def resolve_bench_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a :class:`ConfigError`."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device: invalid value {name!r}; allowed: auto, cpu, cuda")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available")
-    return torch.device(name)
+    """``--device`` (:func:`mpafer.runtime.resolve_device`)."""
+    return resolve_device(name, "--device")
 
 
 def device_name(device: torch.device) -> str:
@@ -105,19 +99,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` = bf16 on CUDA, none (fp32) on the CPU; else ``bf16``/``fp16``/``fp32``."""
-    if amp not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"--amp: invalid value {amp!r}; allowed: auto, bf16, fp16, fp32")
-    from mpafer.train.loop import amp_dtype
-
-    return amp_dtype(amp, device)
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def sync(device: torch.device) -> None:

@@ -25,11 +25,9 @@ import torch
 
 from mpafer.bench.common import (
     ModelSpec,
-    amp_name,
     base_record,
     build_bench_model,
     compile_failure,
-    resolve_amp_dtype,
     resolve_bench_device,
     sync,
     write_profile,
@@ -37,6 +35,7 @@ from mpafer.bench.common import (
 from mpafer.bench.data import ItemList, make_jpeg_set
 from mpafer.config import build_config
 from mpafer.errors import ConfigError
+from mpafer.runtime import auto_on_cuda, compile_step, resolve_amp
 
 __all__ = ["run_epoch_bench"]
 
@@ -69,13 +68,7 @@ def run_epoch_bench(
     one warm-up step runs. Afterwards ``step_steps`` steps on one fixed batch (no data loading) give
     ``step_images_per_s``, the same process's step alone, for comparison with the epoch.
     """
-    from mpafer.train.loop import (
-        compile_on,
-        compile_step,
-        make_step_fn,
-        make_train_batches,
-        resolve_image_cache,
-    )
+    from mpafer.train.loop import make_step_fn, make_train_batches
 
     if n_images < batch_size or batch_size < 1:
         raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
@@ -84,8 +77,8 @@ def run_epoch_bench(
     if image_cache not in ("auto", "on", "off"):
         raise ConfigError(f"--image-cache: invalid value {image_cache!r}; allowed: auto, on, off")
     dev = resolve_bench_device(device)
-    amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = compile_on(compile, dev)
+    precision = resolve_amp(amp, dev, "--amp")
+    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
     nw = max(0, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
     cfg = build_config({
         "clip": {"model": spec.model, "pretrained": spec.pretrained, "precision": spec.precision,
@@ -93,7 +86,7 @@ def run_epoch_bench(
         "train": {"batch_size": batch_size, "num_workers": nw, "augment": augment, "image_cache": image_cache,
                   "device": dev.type, "epochs": max(1, protocol_epochs), "warmup_epochs": 0},
     })
-    use_cache = resolve_image_cache(cfg.train, dev)
+    use_cache = auto_on_cuda(cfg.train.image_cache, dev)
 
     with tempfile.TemporaryDirectory(prefix="mpafer-bench-epoch-") as tmp:
         base = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -106,7 +99,7 @@ def run_epoch_bench(
         model.train()
         params = [p for _, p in model.trainable_named_parameters()]  # type: ignore[operator]
         optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4)
-        eager = make_step_fn(model, dev, amp_dtype)
+        eager = make_step_fn(model, dev, precision)
         fn = compile_step(eager, compile_mode) if use_compile else eager
 
         current = {"fn": fn}
@@ -199,7 +192,7 @@ def run_epoch_bench(
         "data_path": "cache" if use_cache else "loader",
         "num_workers": None if use_cache else nw,
         "augment": augment,
-        "amp": amp_name(amp_dtype),
+        "amp": precision,
         "compiled": use_compile,
         "compile_mode": compile_mode if use_compile else None,
         "compile_error": compile_error,

@@ -8,7 +8,6 @@ once, then the prompted image forward under ``no_grad``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,19 +16,18 @@ import torch
 
 from mpafer.bench.common import (
     ModelSpec,
-    amp_name,
     base_record,
     build_bench_model,
     compile_failure,
     count_flops,
     measure_matmul_tflops,
     peak_tflops,
-    resolve_amp_dtype,
     resolve_bench_device,
     sync,
     write_profile,
 )
 from mpafer.errors import ConfigError
+from mpafer.runtime import auto_on_cuda, autocast, compile_step, resolve_amp
 
 __all__ = ["run_eval", "run_train_step"]
 
@@ -80,12 +78,12 @@ def run_train_step(
     bf16 989); ``mfu_vs_reference`` uses docs/DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own
     large-matmul measurement.
     """
-    from mpafer.train.loop import compile_on, compile_step, make_step_fn
+    from mpafer.train.loop import make_step_fn
 
     _check_counts(batch_size, steps, warmup)
     dev = resolve_bench_device(device)
-    amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = compile_on(compile, dev)
+    precision = resolve_amp(amp, dev, "--amp")
+    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
     t_build = time.perf_counter()
     backbone, model = build_bench_model(spec, dev)
     build_s = time.perf_counter() - t_build
@@ -95,7 +93,7 @@ def run_train_step(
         raise ConfigError(f"model.variant={spec.variant} has nothing to train")
     images, labels = _random_batch(backbone, batch_size, spec.classes, dev)
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4)
-    eager = make_step_fn(model, dev, amp_dtype)
+    eager = make_step_fn(model, dev, precision)
     fn = compile_step(eager, compile_mode) if use_compile else eager
 
     def step(f: Any = fn) -> torch.Tensor:
@@ -151,7 +149,7 @@ def run_train_step(
         "batch_size": batch_size,
         "steps": steps,
         "warmup": warmup,
-        "amp": amp_name(amp_dtype),
+        "amp": precision,
         "compiled": use_compile,
         "compile_mode": compile_mode if use_compile else None,
         "compile_error": compile_error,
@@ -177,7 +175,7 @@ def run_train_step(
         rec["profile"] = write_profile(lambda: step(fn), dev, profile_steps, profile_out,
                                        f"train-step {spec.model} batch {batch_size} "
                                        f"{'compiled ' + compile_mode if use_compile else 'eager'} "
-                                       f"{amp_name(amp_dtype)}")
+                                       f"{precision}")
     return rec
 
 
@@ -199,12 +197,12 @@ def run_eval(
     Runs :func:`mpafer.train.loop.run_inference` over ``steps`` device batches (no data loading), after
     ``warmup`` batches (compile). ``text_features_ms`` is the one-off soft-prompt text encoding.
     """
-    from mpafer.train.loop import compile_on, compile_step, run_inference
+    from mpafer.train.loop import run_inference
 
     _check_counts(batch_size, steps, warmup)
     dev = resolve_bench_device(device)
-    amp_dtype = resolve_amp_dtype(amp, dev)
-    use_compile = compile_on(compile, dev)
+    precision = resolve_amp(amp, dev, "--amp")
+    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
     backbone, model = build_bench_model(spec, dev)
     model.eval()
     images, labels = _random_batch(backbone, batch_size, spec.classes, dev)
@@ -221,19 +219,17 @@ def run_eval(
     sync(dev)
     t0 = time.perf_counter()
     try:
-        run_inference(model, batches(max(1, warmup)), dev, amp_dtype, forward)
+        run_inference(model, batches(max(1, warmup)), dev, precision, forward)
     except Exception as exc:  # compiler failures: report them, measure eagerly
         if not use_compile:
             raise
         compile_error = compile_failure(exc)
         use_compile, forward = False, model
-        run_inference(model, batches(max(1, warmup)), dev, amp_dtype, forward)
+        run_inference(model, batches(max(1, warmup)), dev, precision, forward)
     sync(dev)
     warmup_s = time.perf_counter() - t0
 
-    autocast = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(dev, precision):
         sync(dev)
         t0 = time.perf_counter()
         model.class_text_features()  # type: ignore[operator]
@@ -242,14 +238,14 @@ def run_eval(
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    logits, _, preds, seconds = run_inference(model, batches(steps), dev, amp_dtype, forward)
+    logits, _, preds, seconds = run_inference(model, batches(steps), dev, precision, forward)
     n = batch_size * steps
     rec = base_record("eval", dev, spec)
     rec.update({
         "batch_size": batch_size,
         "steps": steps,
         "warmup": warmup,
-        "amp": amp_name(amp_dtype),
+        "amp": precision,
         "compiled": use_compile,
         "compile_mode": compile_mode if use_compile else None,
         "compile_error": compile_error,
@@ -263,10 +259,10 @@ def run_eval(
     rec.update(_memory_fields(dev))
     if profile_out:
         def one() -> None:
-            run_inference(model, batches(1), dev, amp_dtype, forward)
+            run_inference(model, batches(1), dev, precision, forward)
 
         rec["profile"] = write_profile(one, dev, profile_steps, profile_out,
                                        f"eval {spec.model} batch {batch_size} "
-                                       f"{'compiled' if use_compile else 'eager'} {amp_name(amp_dtype)}")
+                                       f"{'compiled' if use_compile else 'eager'} {precision}")
     del preds
     return rec

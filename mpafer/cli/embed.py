@@ -114,9 +114,10 @@ def bench_prototypes(
     from PIL import Image
 
     from mpafer.clip.backbone import load_backbone
-    from mpafer.clip.prototypes import class_means, resolve_amp, test_transform, uint8_test_transform
+    from mpafer.clip.prototypes import class_means, test_transform, uint8_test_transform
     from mpafer.config import ClipConfig
     from mpafer.data.images import ManifestDataset
+    from mpafer.runtime import resolve_amp
 
     for name, value, allowed in (("--device", device, ("auto", "cpu", "cuda")),
                                  ("--precision", precision, ("fp32", "bf16", "fp16")),

@@ -38,10 +38,10 @@ def train(
     """Train the prompts (resumable); with train.seeds set, one run per seed plus test evaluation and mean ± std."""
     import os
 
+    from mpafer.runtime import train_device
     from mpafer.train import train as train_run
     from mpafer.train import train_seeds
     from mpafer.train.distributed import env_world_size, launch_torchrun
-    from mpafer.train.loop import resolve_device
 
     cfg = config_from_options(config, sets)
     _require_file(manifest, "manifest")
@@ -59,7 +59,7 @@ def train(
         for item in sets or []:
             argv += ["--set", item]
         argv += ["--set", f"train.devices={n_proc}", "--progress" if progress else "--no-progress"]
-        code = launch_torchrun(n_proc, argv, resolve_device(cfg).type)
+        code = launch_torchrun(n_proc, argv, train_device(cfg).type)
         if code != 0:
             raise SystemExit(code)
         return

@@ -30,8 +30,8 @@ a file path (``.safetensors``, ``.bin``, ``.pt``, ``.pth``)
 
 Precision ``fp32|bf16|fp16`` uses open_clip's own low-precision cast of the frozen weights (Linear/Conv/
 attention weights and projections in low precision, LayerNorms in fp32). ``fp16`` on a CPU falls back to
-``fp32`` with a warning (half-precision matmuls on CPUs are slow or missing); ``Backbone.precision``
-then says ``fp32``, so artifacts record what was actually computed. ``bf16`` works on CPUs.
+``fp32`` with a warning (:func:`mpafer.runtime.resolve_precision`); ``Backbone.precision`` then says
+``fp32``, so artifacts record what was actually computed. ``bf16`` works on CPUs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import logging
 import os
 import socket
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from mpafer.artifacts import sha256_file
 from mpafer.config import ClipConfig
 from mpafer.errors import ConfigError, WeightsError
 from mpafer.resources import MODEL_CONFIG_DIR, WEIGHTS_DIR
+from mpafer.runtime import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -187,27 +187,6 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
     if key not in _hash_cache:
         _hash_cache[key] = sha256_file(real)
     return _hash_cache[key]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU → :class:`ConfigError`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("clip.device=cuda but no CUDA device is available; use clip.device=auto or cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision actually used: ``fp16`` on a CPU falls back to ``fp32`` with a warning."""
-    if precision == "fp16" and device.type == "cpu":
-        warnings.warn(
-            "clip.precision=fp16 is not supported on CPU; using fp32 (bf16 works on CPU)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return "fp32"
-    return precision
 
 
 def hub_offline() -> bool:
@@ -574,7 +553,7 @@ def load_backbone(cfg: ClipConfig) -> Backbone:
     """
     import open_clip
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "clip.device")
     precision = resolve_precision(cfg.precision, device)
     plan = _plan(cfg)
     cache_dir = str(cfg.cache_dir) if cfg.cache_dir else None

@@ -12,11 +12,10 @@ subset of at most that many training images per class.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,29 +33,11 @@ from mpafer.artifacts import (
 from mpafer.clip.backbone import Backbone
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, ConfigError, DataError
+from mpafer.runtime import autocast, resolve_amp
 
 #: Part of the content key; bump when the meaning of the rows changes.
 PROTOTYPES_VERSION = "1"
 COLUMNS = ("class_name", "label", "count", "prototype")
-Amp = Literal["auto", "bf16", "fp16", "fp32"]
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """Autocast dtype for frozen image features: ``auto`` = bf16 on CUDA, none (fp32) on CPU."""
-    if amp not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"invalid amp {amp!r}; allowed: auto, bf16, fp16, fp32")
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if amp == "fp16" and device.type == "cpu":
-        return "fp32"
-    return amp
-
-
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if amp == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def test_transform(backbone: Backbone) -> Any:
@@ -143,7 +124,7 @@ def iter_image_features(
 
     from mpafer.cli.common import console
 
-    amp = resolve_amp(amp, backbone.device)
+    precision = resolve_amp(amp, backbone.device)
     backbone.model.eval()
     total = len(loader.dataset)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -151,7 +132,7 @@ def iter_image_features(
         task = bar.add_task(description, total=total)
         for images, labels in loader:
             images = normalize_on_device(images, backbone)
-            with _autocast(amp, backbone.device):
+            with autocast(backbone.device, precision):
                 feats = backbone.encode_image(images)
             yield feats, torch.as_tensor(labels).to(backbone.device, non_blocking=True)
             bar.advance(task, len(images))
@@ -236,7 +217,7 @@ def build_prototypes(
     batch_size: int = 256,
     num_workers: int = 2,
     *,
-    amp: Amp = "auto",
+    amp: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Compute per-class prototypes over the manifest's train split → ``<out_dir>/prototypes-<key16>.parquet``.

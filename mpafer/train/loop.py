@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 from mpafer.artifacts import atomic_write_json, atomic_write_text, content_key, file_lock, sha256_file
 from mpafer.config import Config, TrainConfig
 from mpafer.errors import ArtifactError, ConfigError, MpaferError
+from mpafer.runtime import Precision, auto_on_cuda, autocast, compile_step, resolve_amp, train_device
 from mpafer.train.checkpoint import (
     CHECKPOINT_DIR,
     capture_rng_state,
@@ -82,18 +83,10 @@ __all__ = [
     "OPERATIONAL_TRAIN_FIELDS",
     "RunInputs",
     "WarmupCosineSchedule",
-    "amp_dtype",
     "build_model",
-    "compile_on",
-    "compile_step",
-    "inductor_workarounds",
     "load_inputs",
     "make_step_fn",
     "make_train_batches",
-    "resolve_amp",
-    "resolve_compile",
-    "resolve_device",
-    "resolve_image_cache",
     "run_inference",
     "train",
     "training_key",
@@ -125,45 +118,7 @@ PROMPTS_FILE = "prompts.safetensors"
 TRAIN_RESULT_FILE = "train.json"
 
 
-# ------------------------------------------------------------------------------------------ resolution
-def resolve_device(cfg: Config) -> torch.device:
-    """``train.device`` when set, else ``clip.device``; ``auto`` → CUDA when available, else CPU."""
-    name = cfg.train.device if cfg.train.device != "auto" else cfg.clip.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda (or clip.device=cuda) but no CUDA device is available")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of the frozen encoders for ``auto|bf16|fp16|fp32``: ``auto`` = bf16 on GPU, none
-    (fp32) on CPU."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
-
-
-def resolve_amp(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` as an autocast dtype (:func:`amp_dtype`)."""
-    return amp_dtype(train_cfg.amp, device)
-
-
-def compile_on(compile: bool | None, device: torch.device) -> bool:
-    """Whether to compile: ``None`` (auto) = on for CUDA."""
-    return device.type == "cuda" if compile is None else bool(compile)
-
-
-def resolve_compile(train_cfg: TrainConfig, device: torch.device) -> bool:
-    """``train.compile`` (``auto`` = on for CUDA)."""
-    return compile_on({"auto": None, "on": True, "off": False}[train_cfg.compile], device)
-
-
-def resolve_image_cache(train_cfg: TrainConfig, device: torch.device) -> bool:
-    """``image_cache: auto`` = on for CUDA (decode once, augment on the device)."""
-    return train_cfg.image_cache == "on" or (train_cfg.image_cache == "auto" and device.type == "cuda")
-
-
+# ------------------------------------------------------------------------------------------ key
 def training_key(cfg: Config, input_keys: Mapping[str, str | None]) -> str:
     """Content key of a training run: what it learns from (inputs) and how (non-operational config)."""
     train_part = cfg.train.model_dump(mode="json", exclude=set(OPERATIONAL_TRAIN_FIELDS))
@@ -321,12 +276,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.trainable_named_parameters()]  # type: ignore[operator]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _console(quiet: bool = False) -> Any:
     from rich.console import Console
 
@@ -358,7 +307,7 @@ def _print_trainable(model: nn.Module, console: Any) -> int:
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def make_step_fn(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> StepFn:
+def make_step_fn(model: nn.Module, device: torch.device, precision: Precision) -> StepFn:
     """``step(images, labels) -> (logits, losses)``: the forward pass under autocast plus the losses.
 
     One function, so that ``torch.compile`` captures the forward pass and the losses as one graph (and
@@ -367,36 +316,11 @@ def make_step_fn(model: nn.Module, device: torch.device, amp_dtype: torch.dtype 
     """
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with _autocast(device, amp_dtype):
+        with autocast(device, precision):
             out = model(images)
         return out.logits, model.loss(out, labels)  # type: ignore[operator]
 
     return step
-
-
-def inductor_workarounds() -> None:
-    """Inductor settings the MPA-FER graphs need.
-
-    ``triton.coalesce_tiling_analysis`` off: on torch 2.11 (H100) compiling the full ViT-B/16 MPA-FER step
-    failed in Inductor's codegen with ``AssertionError`` in ``tiling_utils.get_pw_red_splits``, reached
-    from ``analyze_memory_coalescing`` (pytorch/pytorch#197077 describes the same assertion); that
-    analysis only refines the tiling heuristics of fused pointwise/reduction kernels, and ``codegen_node``
-    skips it when the flag is off.
-    """
-    import torch._inductor.config as inductor_config
-
-    triton_cfg = getattr(inductor_config, "triton", None)
-    if triton_cfg is not None and hasattr(triton_cfg, "coalesce_tiling_analysis"):
-        triton_cfg.coalesce_tiling_analysis = False
-
-
-def compile_step(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
-    """``torch.compile(fn)`` with :func:`inductor_workarounds` (``mode``: None/``default``,
-    ``reduce-overhead`` = CUDA graphs, ``max-autotune-no-cudagraphs``, ...)."""
-    inductor_workarounds()
-    if mode in (None, "", "default"):
-        return torch.compile(fn)
-    return torch.compile(fn, mode=mode)
 
 
 @torch.no_grad()
@@ -404,7 +328,7 @@ def run_inference(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | DataLoader,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
+    precision: Precision,
     forward: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Logits of every batch with the class text features computed once.
@@ -418,11 +342,11 @@ def run_inference(
     logits_all: list[torch.Tensor] = []
     labels_all: list[torch.Tensor] = []
     try:
-        with _autocast(device, amp_dtype):
+        with autocast(device, precision):
             text_features = model.class_text_features()  # type: ignore[operator]
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
+            with autocast(device, precision):
                 out = fwd(images, text_features=text_features)
             # stays on the device (a clone: compiled graphs may reuse their output buffers); one copy
             # to the host at the end instead of a synchronising copy per batch
@@ -648,12 +572,12 @@ class _Trainer:
         self.dist = dist_ctx or DistContext()
         self.progress = progress and self.dist.is_main
         self.console = _console(quiet=not self.dist.is_main)
-        self.device = resolve_device(cfg)
+        self.device = train_device(cfg)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.amp_dtype = resolve_amp(self.tc, self.device)
-        self.use_compile = resolve_compile(self.tc, self.device)
-        self.use_cache = resolve_image_cache(self.tc, self.device)
+        self.precision = resolve_amp(self.tc.amp, self.device)
+        self.use_compile = auto_on_cuda(self.tc.compile, self.device)
+        self.use_cache = auto_on_cuda(self.tc.image_cache, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
@@ -804,7 +728,7 @@ class _Trainer:
 
         :func:`make_step_fn`'s step, which ``mpafer bench train-step`` measures.
         """
-        return make_step_fn(self.model, self.device, self.amp_dtype)(images, labels)
+        return make_step_fn(self.model, self.device, self.precision)(images, labels)
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         assert self.optimizer is not None
@@ -851,7 +775,7 @@ class _Trainer:
         from mpafer.train.metrics import classification_metrics
 
         loader = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
-        _, labels, preds, _ = run_inference(self.model, loader, self.device, self.amp_dtype)
+        _, labels, preds, _ = run_inference(self.model, loader, self.device, self.precision)
         m = classification_metrics(preds, labels, self.inputs.classes)
         return {"val_acc": m["accuracy"], "val_mean_class_acc": m["mean_class_accuracy"]}
 
@@ -887,7 +811,7 @@ class _Trainer:
             "throughput_img_s": round(tput, 2) if tput is not None else None,
             "timings": {"train": round(self.train_time, 4)},
             "device": str(self.device),
-            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32",
+            "amp": self.precision,
             "compiled": bool(self.use_compile and self.learns),
             "compile_mode": self.tc.compile_mode if self.use_compile and self.learns else None,
             "image_cache": bool(self.use_cache and self.learns),
@@ -1069,7 +993,7 @@ def train(
     its shard of every global batch (:mod:`mpafer.train.distributed`).
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg)
+    device = train_device(cfg)
     if cfg.train.devices > 1 and env_world_size() == 1:
         raise ConfigError(
             f"train.devices={cfg.train.devices} needs one process per device: launch with "

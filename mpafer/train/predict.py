@@ -23,6 +23,7 @@ from torch import nn
 from mpafer.artifacts import atomic_path
 from mpafer.config import Config, ModelConfig, build_config
 from mpafer.errors import ArtifactError, MpaferError
+from mpafer.runtime import Precision, autocast, resolve_amp, train_device
 
 __all__ = [
     "LoadedRun",
@@ -97,7 +98,7 @@ class LoadedRun:
     model: nn.Module
     test_transform: Any
     device: torch.device
-    amp_dtype: torch.dtype | None
+    precision: Precision
     meta: dict[str, Any] = field(default_factory=dict)
     run_info: dict[str, Any] = field(default_factory=dict)
 
@@ -132,7 +133,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     not fit the configured model or CLIP.
     """
     from mpafer.data.images import clip_transforms
-    from mpafer.train.loop import build_model, load_backbone_for, resolve_amp, resolve_device
+    from mpafer.train.loop import build_model, load_backbone_for
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -149,7 +150,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
         raise ArtifactError(f"{prompts_path} names no classes")
     info = read_run_info(run_dir)
 
-    dev = resolve_device(cfg)
+    dev = train_device(cfg)
     backbone = load_backbone_for(cfg, dev)
     if meta.get("weights_identity") and str(backbone.identity) != meta["weights_identity"]:
         raise ArtifactError(
@@ -173,7 +174,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     model.eval()
     _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None, **backbone.resize_settings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, classes=classes, backbone=backbone, model=model,
-                     test_transform=test_tf, device=dev, amp_dtype=resolve_amp(cfg.train, dev), meta=meta,
+                     test_transform=test_tf, device=dev, precision=resolve_amp(cfg.train.amp, dev), meta=meta,
                      run_info=info)
 
 
@@ -213,8 +214,6 @@ def _load_one(path: Path, transform: Any) -> torch.Tensor:
 def predict_loaded(run: LoadedRun, images: Sequence[str | os.PathLike[str]], top_k: int = 3,
                    batch_size: int | None = None) -> list[Prediction]:
     """:func:`predict` with an already loaded run (the class text features are computed once)."""
-    from mpafer.train.loop import _autocast
-
     k = max(1, min(int(top_k), len(run.classes)))
     bs = batch_size or run.cfg.train.eval_batch_size
     results: dict[int, Prediction] = {}
@@ -226,12 +225,12 @@ def predict_loaded(run: LoadedRun, images: Sequence[str | os.PathLike[str]], top
         except MpaferError as exc:
             results[i] = Prediction(path=p, error=exc.message)
     if loaded:
-        with _autocast(run.device, run.amp_dtype):
+        with autocast(run.device, run.precision):
             text_features = run.model.class_text_features()  # type: ignore[operator]
         for start in range(0, len(loaded), bs):
             chunk = loaded[start : start + bs]
             x = torch.stack([t for _, t in chunk]).to(run.device)
-            with _autocast(run.device, run.amp_dtype):
+            with autocast(run.device, run.precision):
                 out = run.model(x, text_features=text_features)
             probs = out.logits.float().softmax(dim=-1).cpu()
             values, idx = probs.topk(k, dim=-1)

@@ -279,7 +279,7 @@ def evaluate(
     if list(manifest.classes) != run.classes:
         raise DataError(f"manifest classes {list(manifest.classes)} differ from the run's classes {run.classes}")
     loader = eval_loader(manifest, split, run.test_transform, run.cfg, run.device)
-    _, labels, preds, infer_s = run_inference(run.model, loader, run.device, run.amp_dtype)
+    _, labels, preds, infer_s = run_inference(run.model, loader, run.device, run.precision)
     m = classification_metrics(preds, labels, run.classes)
     eval_tput = m["n"] / infer_s if infer_s > 0 else None
 
