@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -242,11 +242,37 @@ class TrainConfig(_Model):
     #: Number of processes (DDP via torchrun) for ``--devices N``.
     devices: int = Field(1, ge=1)
 
+    #: Fields that change how a run is computed, not what it learns; both run keys leave them out (the
+    #: pipeline's train stage and the training loop's own, :meth:`result_fields`), so changing one reuses a
+    #: finished run and resumes an unfinished one.
+    #:
+    #: ``amp`` and ``compile_mode`` belong here. Both change speed and the last bits of the arithmetic,
+    #: not what is learned: ``compile``/``compile_mode`` compile the same function (differences are float
+    #: reassociation), and ``amp`` is the autocast of the *frozen* encoders while the prompts, losses and
+    #: optimizer stay fp32. ``amp: auto`` already means bf16 on a GPU and fp32 on a CPU, and ``device`` is
+    #: operational, so keying ``amp`` would key the string, not the precision (``auto`` on a GPU and
+    #: ``bf16`` compute the same run). ``devices`` splits the same global batch into equal shards whose
+    #: gradients are averaged. The prototypes are a stage-1 artifact keyed by the autocast they were
+    #: computed with (their stored values differ), so ``amp`` still renews them, and the run through them.
+    OPERATIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "device", "devices", "amp", "compile", "compile_mode", "num_workers", "image_cache",
+        "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "log_every_steps",
+    })
+    #: The seed loop: the pipeline's train stage trains one run per seed, each with ``seed`` set and
+    #: ``seeds`` unset (``mpafer.train.seeds.seed_config``), so ``seeds`` keys the stage, not a run.
+    SEED_LOOP_FIELDS: ClassVar[frozenset[str]] = frozenset({"seeds"})
+
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
         if self.epochs and self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         return self
+
+    def result_fields(self, *, one_run: bool = False) -> dict[str, Any]:
+        """The fields that decide what training learns (JSON values): all but :attr:`OPERATIONAL_FIELDS`,
+        and for ``one_run`` (the training loop's key) also without the seed loop."""
+        exclude = self.OPERATIONAL_FIELDS | (self.SEED_LOOP_FIELDS if one_run else frozenset())
+        return self.model_dump(mode="json", exclude=set(exclude))
 
     @property
     def effective_lr(self) -> float:

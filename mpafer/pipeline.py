@@ -68,19 +68,6 @@ StageName = Literal["manifest", "describe", "text_features", "prototypes", "trai
 #: The stages in execution order.
 STAGES: tuple[StageName, ...] = ("manifest", "describe", "text_features", "prototypes", "train", "evaluate")
 
-#: Train-config fields that do not change what is learned (left out of the train key).
-TRAIN_KEY_EXCLUDE = frozenset(
-    {
-        "device",
-        "num_workers",
-        "log_every_steps",
-        "eval_batch_size",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "image_cache",
-        "compile",
-    }
-)
 #: Data-config fields that do not change the manifest's content (left out of the source fingerprint).
 DATA_FINGERPRINT_EXCLUDE = frozenset({"hash_workers", "manifest_dir", "png_cache", "synthetic"})
 #: Folders inside a dataset root that the pipeline itself writes (never part of the fingerprint).
@@ -580,10 +567,10 @@ PROMPTS_FILE = "prompts.safetensors"
 
 def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> str:
     """Key = manifest, text-feature and prototype keys + the model config + the train config fields that
-    change what is learned (device, workers, logging and checkpoint cadence are left out)."""
-    train_fields = cfg.train.model_dump(mode="json", exclude=set(TRAIN_KEY_EXCLUDE))
+    change what is learned (:meth:`~mpafer.config.TrainConfig.result_fields`)."""
     return content_key(
-        "train", manifest.key, text_features.key, prototypes.key, cfg.model.model_dump(mode="json"), train_fields
+        "train", manifest.key, text_features.key, prototypes.key, cfg.model.model_dump(mode="json"),
+        cfg.train.result_fields(),
     )
 
 

@@ -185,6 +185,20 @@ def test_train_key_ignores_operational_fields(tmp_path: Path) -> None:
         assert key(item) != k, item
 
 
+def test_operational_train_fields_recompute_nothing(tmp_path: Path, stand_ins: StandIns) -> None:
+    """After a finished pipeline, fields that change how training computes, not what it learns, reuse
+    every stage (``train.compile_mode`` among them: the loop always called it operational)."""
+    project = tmp_path / "proj"
+    s, _ = run(tiny_config(project), stand_ins)
+    assert s["executed"] == ALL
+    for item in ("train.compile_mode=max-autotune-no-cudagraphs", "train.compile='on'", "train.devices=2",
+                 "train.num_workers=3", "train.eval_batch_size=7", "train.checkpoint_every_steps=5"):
+        s, calls = run(tiny_config(project, item), stand_ins)
+        assert s["executed"] == [] and calls == [], item
+    s, calls = run(tiny_config(project, "train.amp=bf16"), stand_ins)
+    assert calls == ["prototypes", "train", "evaluate"], "the prototypes are computed under autocast"
+
+
 # ------------------------------------------------------------------------------------------ selective
 def test_selective_reexecution(tmp_path: Path, stand_ins: StandIns) -> None:
     project = tmp_path / "proj"

@@ -89,10 +89,10 @@ GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model
 
 #: ``train.*`` fields that change how fast a run computes, not what it learns: keyed by neither the
 #: pipeline's train stage nor the training loop's run key.
-OPERATIONAL = {"device", "num_workers", "log_every_steps", "eval_batch_size", "checkpoint_every_steps",
-               "keep_checkpoints", "image_cache", "compile"}
-#: Fields only the training loop leaves out of its own run key.
-LOOP_ONLY_OPERATIONAL = {"amp", "compile_mode", "devices", "seeds"}
+OPERATIONAL = {"device", "devices", "amp", "compile", "compile_mode", "num_workers", "image_cache",
+               "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "log_every_steps"}
+#: Fields only the training loop leaves out of its own run key (one run = one seed).
+LOOP_ONLY_OPERATIONAL = {"seeds"}
 
 
 def expected_stages(group: str, name: str) -> set[str]:
@@ -109,9 +109,9 @@ def expected_stages(group: str, name: str) -> set[str]:
         return {"train"} | {"granularities": {"text_features"}, "prototype_subset": {"prototypes"},
                             "prototype_seed": {"prototypes"}}.get(name, set())
     if group == "train":
-        if name in OPERATIONAL:
-            return set()
-        return {"prototypes", "train"} if name == "amp" else {"train"}
+        if name == "amp":  # the prototypes are computed under it (and keyed by it); the run is not
+            return {"prototypes"}
+        return set() if name in OPERATIONAL else {"train"}
     return set()  # pipeline.*: where things go, not what they are
 
 

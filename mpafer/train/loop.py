@@ -80,7 +80,6 @@ from mpafer.train.distributed import (
 from mpafer.train.sampler import EpochBatchSampler, SeededTransformDataset, derive_seed
 
 __all__ = [
-    "OPERATIONAL_TRAIN_FIELDS",
     "RunInputs",
     "WarmupCosineSchedule",
     "build_model",
@@ -92,24 +91,6 @@ __all__ = [
     "training_key",
 ]
 
-#: ``train.*`` fields that change how a run is computed but not what it learns; excluded from the key,
-#: so that a run can be resumed with other values (more workers, another checkpoint cadence, ...).
-OPERATIONAL_TRAIN_FIELDS = frozenset(
-    {
-        "device",
-        "amp",
-        "compile",
-        "compile_mode",
-        "num_workers",
-        "image_cache",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "eval_batch_size",
-        "log_every_steps",
-        "devices",
-        "seeds",
-    }
-)
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -121,7 +102,7 @@ TRAIN_RESULT_FILE = "train.json"
 # ------------------------------------------------------------------------------------------ key
 def training_key(cfg: Config, input_keys: Mapping[str, str | None]) -> str:
     """Content key of a training run: what it learns from (inputs) and how (non-operational config)."""
-    train_part = cfg.train.model_dump(mode="json", exclude=set(OPERATIONAL_TRAIN_FIELDS))
+    train_part = cfg.train.result_fields(one_run=True)
     clip_part = cfg.clip.model_dump(mode="json", include={"model", "pretrained", "precision"})
     return content_key("train-run", dict(input_keys), clip_part, cfg.model.model_dump(mode="json"), train_part)
 
