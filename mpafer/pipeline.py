@@ -330,36 +330,12 @@ def release_backbones() -> None:
             torch.cuda.empty_cache()
 
 
-def clip_identity(cfg: Config) -> str:
-    """The CLIP weights' identity without loading the model: ``random``, ``sha256:<hex>`` of a weights
-    file (package tags, file paths, ``local-dir:`` folders) or ``tag:<name>`` for a downloadable tag."""
-    from mpafer.clip.backbone import WEIGHTS_DIR, weights_sha256
-
-    model = cfg.clip.model.strip()
-    pretrained = cfg.clip.pretrained.strip()
-    for text in (model, pretrained):
-        if text.startswith("local-dir:"):
-            folder = Path(os.path.expanduser(text[len("local-dir:"):])).resolve()
-            files = sorted(
-                f for f in folder.glob("*") if f.is_file() and (f.suffix in (".safetensors", ".bin", ".pth", ".pt")
-                                                               or f.name == "open_clip_config.json")
-            )
-            if not files:
-                raise ConfigError(f"local-dir folder {folder} holds no weights (clip.pretrained / clip.model)")
-            return "sha256:" + content_key([(f.name, weights_sha256(f)) for f in files])
-    if pretrained.lower() in ("", "none"):
-        return "random"
-    package_file = WEIGHTS_DIR / f"{model}-{pretrained}.safetensors"
-    if package_file.is_file():
-        return f"sha256:{weights_sha256(package_file)}"
-    path = Path(os.path.expanduser(pretrained))
-    if path.is_file():
-        return f"sha256:{weights_sha256(path)}"
-    return f"tag:{pretrained}"
-
-
 def _clip_fields(cfg: Config) -> dict[str, str]:
-    return {"model": cfg.clip.model, "identity": clip_identity(cfg), "precision": cfg.clip.precision}
+    """The CLIP fields that shape frozen features: the model, its weights (identified by the code that loads
+    them, by content where it can) and the precision."""
+    from mpafer.clip.backbone import weights_identity
+
+    return {"model": cfg.clip.model, "identity": weights_identity(cfg.clip), "precision": cfg.clip.precision}
 
 
 # ------------------------------------------------------------------------------------------ manifest

@@ -188,6 +188,22 @@ def test_weights_are_keyed_by_their_content(key_env: Path) -> None:
     assert {s for s in P.STAGES if before[s] != after[s]} == {"text_features", "prototypes"}
 
 
+def test_weights_identity_is_what_the_loaded_backbone_reports(tmp_path: Path) -> None:
+    """The keys' weights identity comes from the backbone module and agrees with the identity a loaded
+    backbone carries (and its artifacts record), without loading anything itself."""
+    import shutil
+
+    from mpafer.clip.backbone import WEIGHTS_DIR, load_backbone, weights_identity
+
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(WEIGHTS_DIR / "mpafer-face-tiny-synthetic-faces.safetensors", copy)
+    for model, pretrained in (("mpafer-tiny", "none"), ("mpafer-face-tiny", "synthetic-faces"),
+                              ("mpafer-face-tiny", str(copy))):
+        clip = ClipConfig(model=model, pretrained=pretrained, device="cpu")
+        assert weights_identity(clip) == load_backbone(clip).identity, pretrained
+    assert weights_identity(ClipConfig(model="ViT-B-16", pretrained="openai")) == "tag:openai"
+
+
 #: What each stage's key is computed from, besides the config.
 UPSTREAM = {
     "manifest": set(),

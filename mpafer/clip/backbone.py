@@ -51,7 +51,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from mpafer.artifacts import sha256_file
+from mpafer.artifacts import content_key, sha256_file
 from mpafer.config import ClipConfig
 from mpafer.errors import ConfigError, WeightsError
 from mpafer.resources import MODEL_CONFIG_DIR, WEIGHTS_DIR
@@ -485,7 +485,7 @@ def _plan(cfg: ClipConfig) -> _Plan:
         return _Plan(create_name=model, pretrained=None, identity="random", model_name=model, source="random",
                      load_weights=False, random_init=True)
 
-    package_file = WEIGHTS_DIR / f"{model}-{pretrained}.safetensors"
+    package_file = _package_file(model, pretrained)
     if package_file.is_file():
         return _Plan(create_name=model, pretrained=str(package_file),
                      identity=f"sha256:{weights_sha256(package_file)}", model_name=model, source=str(package_file))
@@ -530,6 +530,41 @@ def _plan(cfg: ClipConfig) -> _Plan:
         f"unknown clip.pretrained {pretrained!r} for model {model}: not a tag ({', '.join(tags) or 'none known'}), "
         "not a weights file, not local-dir:/folder and not 'none'"
     )
+
+
+def _package_file(model: str, tag: str) -> Path:
+    """Where the committed weights of package tag ``tag`` of ``model`` live."""
+    return WEIGHTS_DIR / f"{model}-{tag}.safetensors"
+
+
+def weights_identity(cfg: ClipConfig) -> str:
+    """The identity of the weights ``cfg`` names, without loading a model or touching the network: what the
+    content keys of the artifacts built from them read.
+
+    ``random`` for ``pretrained: none``; ``sha256:<hex>`` of the file for package tags and weights files
+    (the same as :attr:`Backbone.identity`); for a ``local-dir:`` folder, ``sha256:`` over every weights
+    file and ``open_clip_config.json`` in it (the folder defines the architecture too); ``tag:<name>`` for
+    a downloadable tag or an ``hf-hub:`` model, whose bytes are only known after a download.
+    """
+    model = cfg.model.strip()
+    pretrained = cfg.pretrained.strip()
+    for text in (model, pretrained):
+        if text.startswith(_LOCAL_DIR):
+            folder = Path(os.path.expanduser(text[len(_LOCAL_DIR):])).resolve()
+            files = sorted(f for f in folder.glob("*") if f.is_file() and (
+                f.suffix in WEIGHT_SUFFIXES or f.name == "open_clip_config.json"))
+            if not files:
+                raise ConfigError(f"local-dir folder {folder} holds no weights (clip.pretrained / clip.model)")
+            return "sha256:" + content_key([(f.name, weights_sha256(f)) for f in files])
+    if pretrained.lower() in ("", "none"):
+        return "random"
+    package_file = _package_file(model, pretrained)
+    if package_file.is_file():
+        return f"sha256:{weights_sha256(package_file)}"
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        return f"sha256:{weights_sha256(path)}"
+    return f"tag:{pretrained}"
 
 
 # ------------------------------------------------------------------------------------------ loading
