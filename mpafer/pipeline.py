@@ -537,8 +537,6 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
 #: The train stage's completion record in the run folder (``train.json`` there is the training loop's own
 #: result file, which evaluation reads: the record must not overwrite it).
 TRAIN_RECORD = "pipeline-train.json"
-#: The learned prompts a finished run holds (``mpafer.train.loop.PROMPTS_FILE``; what ``predict`` loads).
-PROMPTS_FILE = "prompts.safetensors"
 
 
 def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> str:
@@ -552,6 +550,7 @@ def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, pr
 
 def _prompt_files(run_dir: Path, rec: dict[str, Any] | None = None) -> list[Path]:
     """The learned-prompt files of a run (one per seed folder when the record lists seeds)."""
+    from mpafer.train.rundir import PROMPTS_FILE
     from mpafer.train.seeds import seed_dir
 
     seeds = ((rec or {}).get("result") or {}).get("seeds")
@@ -563,6 +562,7 @@ def _prompt_files(run_dir: Path, rec: dict[str, Any] | None = None) -> list[Path
 def _damaged_prompts(run_dir: Path) -> list[Path]:
     """Prompt files under ``run_dir`` that exist but do not load (partial or corrupt)."""
     from mpafer.train.predict import load_prompts
+    from mpafer.train.rundir import PROMPTS_FILE
 
     bad = []
     for path in sorted(run_dir.glob(PROMPTS_FILE)) + sorted(run_dir.glob(f"seed-*/{PROMPTS_FILE}")):

@@ -95,15 +95,15 @@ def test_launch_command_reinvokes_the_cli_module() -> None:
 
 def test_devices_without_launcher_and_uneven_shards_fail_clearly(tmp_path: Path) -> None:
     from mpafer.train import train
-    from mpafer.train.loop import _check_shards
+    from mpafer.train.distributed import check_shards
 
     inputs = shared_inputs()
     cfg = load_config(None, OVERRIDES + ["train.devices=2"])
     with pytest.raises(ConfigError, match="one process per device"):
         train(cfg, inputs.manifest, inputs.text_features, inputs.prototypes, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="multiple of the number of processes"):
-        _check_shards(load_config(None, OVERRIDES + ["train.batch_size=7"]), 24, 2)
-    _check_shards(load_config(None, OVERRIDES), 24, 2)  # 8 = 2 × 4: fine
+        check_shards(7, 24, 2)
+    check_shards(8, 24, 2)  # 8 = 2 × 4: fine
 
 
 # ------------------------------------------------------------------------------------------ two processes

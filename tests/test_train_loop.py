@@ -13,7 +13,8 @@ from test_train_fixtures import base_config, run_train, shared_inputs
 
 from mpafer.errors import ArtifactError, ConfigError
 from mpafer.train.checkpoint import CheckpointWarning, list_checkpoints
-from mpafer.train.loop import WarmupCosineSchedule, training_key
+from mpafer.train.inputs import training_key
+from mpafer.train.loop import learning_rate
 from mpafer.train.predict import load_prompts
 from mpafer.train.sampler import EpochBatchSampler, epoch_order
 
@@ -35,18 +36,14 @@ def _prompts(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ units
 def test_schedule_constant_warmup_then_cosine() -> None:
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.1)
-    s = WarmupCosineSchedule(opt, base_lr=0.1, epochs=4, warmup_epochs=1, warmup_lr=1e-5)
-    assert opt.param_groups[0]["lr"] == 1e-5
-    lrs = [s.set_epoch(e) for e in range(4)]
+    tc = base_config(lr=0.1, epochs=4, warmup_epochs=1, warmup_lr=1e-5).train
+    lrs = [learning_rate(tc, e) for e in range(4)]
     assert lrs[0] == 1e-5
     assert lrs[1] == pytest.approx(0.1)
     assert lrs[2] == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)) / 2)
     assert lrs[3] == pytest.approx(0.1 * (1 + math.cos(math.pi * 2 / 4)) / 2)
-    s2 = WarmupCosineSchedule(opt, 0.5, 9, 0, 0.0)
-    s2.load_state_dict(s.state_dict() | {"epoch": 2})
-    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[2])
+    scaled = base_config(lr=0.1, batch_size=16, lr_scaling="linear", lr_reference_batch=32, epochs=4).train
+    assert learning_rate(scaled, 1) == pytest.approx(0.05)  # the large-batch rule scales the base lr
 
 
 def test_epoch_order_is_pure_and_resumable() -> None:
@@ -260,3 +257,38 @@ def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest
     assert res["compiled"] is False
     a, b = _prompts(tmp_path / "eager"), _prompts(tmp_path / "fallback")
     assert all(torch.equal(a[k], b[k]) for k in a) and eager["final"]["loss"] == res["final"]["loss"]
+
+
+def test_epoch_rows_go_through_the_train_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``mpafer.train`` INFO record per epoch (what Prefect's UI captures) with the row's numbers; the
+    progress bar stays off when stderr is not a terminal."""
+    import io
+    import logging
+
+    from mpafer.train.progress import ProgressBar
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("mpafer.train")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run_train(base_config(epochs=2), shared_inputs(), tmp_path / "run")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    rows = _rows(tmp_path / "run")
+    epoch_lines = [r for r in records if r.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    for line, row in zip(epoch_lines, rows, strict=True):
+        assert line.startswith(f"epoch {row['epoch']} | lr {row['lr']:.3g} | loss {row['loss']:.4f}")
+    assert any(r.startswith("trainable: ") for r in records)
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with ProgressBar(True, epochs=2, steps_per_epoch=3, epoch=0, step_in_epoch=0, log_every=1) as bar:
+        assert bar.bar is None

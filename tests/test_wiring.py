@@ -40,7 +40,7 @@ from mpafer.config import (  # noqa: E402
     demo_config,
 )
 from mpafer.errors import ArtifactError  # noqa: E402
-from mpafer.train.loop import training_key  # noqa: E402
+from mpafer.train.inputs import training_key  # noqa: E402
 
 CURATED = REPO_ROOT / "prompts_cache" / "curated.json"
 CLASSES = ["neutral", "happiness", "sadness"]

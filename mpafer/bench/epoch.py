@@ -68,7 +68,8 @@ def run_epoch_bench(
     one warm-up step runs. Afterwards ``step_steps`` steps on one fixed batch (no data loading) give
     ``step_images_per_s``, the same process's step alone, for comparison with the epoch.
     """
-    from mpafer.train.loop import make_step_fn, make_train_batches
+    from mpafer.train.batches import train_batches
+    from mpafer.train.loop import make_step_fn
 
     if n_images < batch_size or batch_size < 1:
         raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
@@ -112,9 +113,8 @@ def run_epoch_bench(
             return losses["total"].detach()
 
         classes = [f"c{k}" for k in range(spec.classes)]
-        labels_list = [y for _, y in items]
         t0 = time.perf_counter()
-        data = make_train_batches(ItemList(root, classes, items), backbone, cfg, dev, labels_list, use_cache)
+        data = train_batches(ItemList(root, classes, items), backbone, cfg, dev, use_cache)
         sync(dev)
         setup_s = time.perf_counter() - t0
         steps_per_epoch = int(data.steps_per_epoch)

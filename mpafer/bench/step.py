@@ -197,7 +197,7 @@ def run_eval(
     Runs :func:`mpafer.train.loop.run_inference` over ``steps`` device batches (no data loading), after
     ``warmup`` batches (compile). ``text_features_ms`` is the one-off soft-prompt text encoding.
     """
-    from mpafer.train.loop import run_inference
+    from mpafer.train.inference import run_inference
 
     _check_counts(batch_size, steps, warmup)
     dev = resolve_bench_device(device)

@@ -13,6 +13,7 @@ from mpafer.cli import embed as _embed  # noqa: E402,F401
 from mpafer.cli import learn as _learn  # noqa: E402,F401
 from mpafer.cli import pipeline as _pipeline  # noqa: E402,F401
 from mpafer.cli.app import app, bench_app
+from mpafer.cli.common import show_logs
 from mpafer.errors import MpaferError
 
 __all__ = ["app", "bench_app", "main"]
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns the exit code: 0 on success, 2 for bad input (:class:`MpaferError` or a usage error),
     130 when interrupted.
     """
+    show_logs()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="mpafer")
     except MpaferError as exc:

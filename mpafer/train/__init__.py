@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 from mpafer.train.checkpoint import CheckpointWarning, load_latest_valid
-from mpafer.train.loop import train, training_key
+from mpafer.train.inputs import training_key
+from mpafer.train.loop import train
 from mpafer.train.metrics import (
     accuracy,
     classification_metrics,

@@ -42,6 +42,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "check_shards",
     "distributed_context",
     "env_world_size",
     "launch_command",
@@ -136,6 +137,16 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def check_shards(batch_size: int, n_train: int, world_size: int) -> None:
+    """Several processes need every global batch to split evenly (equal shards ⇒ exact gradient mean)."""
+    global_batch = batch_size if n_train >= batch_size else n_train  # drop_last once a full batch exists
+    if global_batch % world_size != 0:
+        raise ConfigError(
+            f"train.batch_size={batch_size} (global batch {global_batch} for {n_train} training images) must be "
+            f"a multiple of the number of processes ({world_size})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ collectives

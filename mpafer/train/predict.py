@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from mpafer.artifacts import atomic_path
 from mpafer.config import Config, ModelConfig, build_config
 from mpafer.errors import ArtifactError, MpaferError
 from mpafer.runtime import Precision, autocast, resolve_amp, train_device
+from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE
+
+if TYPE_CHECKING:
+    from mpafer.clip.backbone import Backbone
+    from mpafer.model import MPAFER
 
 __all__ = [
     "LoadedRun",
@@ -94,9 +98,9 @@ class LoadedRun:
     run_dir: Path
     cfg: Config
     classes: list[str]
-    backbone: Any
-    model: nn.Module
-    test_transform: Any
+    backbone: Backbone
+    model: MPAFER
+    test_transform: Callable[..., torch.Tensor]
     device: torch.device
     precision: Precision
     meta: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +109,7 @@ class LoadedRun:
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
     """The resolved config saved in ``run_dir/config.json``."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ArtifactError(f"not a run directory (no config.json): {run_dir}")
     try:
@@ -117,7 +121,7 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
 
 def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``run_dir/run.json`` (inputs, keys, classes) or ``{}`` when absent."""
-    path = Path(run_dir) / "run.json"
+    path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return {}
     try:
@@ -132,8 +136,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     Raises :class:`ArtifactError` (one line) when the run directory lacks its files or its prompts do
     not fit the configured model or CLIP.
     """
+    from mpafer.clip.backbone import load_backbone
     from mpafer.data.images import clip_transforms
-    from mpafer.train.loop import build_model, load_backbone_for
+    from mpafer.model import MPAFER
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -141,7 +146,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     cfg = read_run_config(run_dir)
     if device is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
-    prompts_path = run_dir / "prompts.safetensors"
+    prompts_path = run_dir / PROMPTS_FILE
     if not prompts_path.is_file():
         raise ArtifactError(f"run {run_dir} has no prompts.safetensors (training not finished?)")
     tensors, meta = load_prompts(prompts_path)
@@ -151,7 +156,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     info = read_run_info(run_dir)
 
     dev = train_device(cfg)
-    backbone = load_backbone_for(cfg, dev)
+    backbone = load_backbone(cfg.clip.model_copy(update={"device": dev.type}))
     if meta.get("weights_identity") and str(backbone.identity) != meta["weights_identity"]:
         raise ArtifactError(
             f"run {run_dir} was trained on CLIP weights {meta['weights_identity']} but "
@@ -163,14 +168,13 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
         if not tf_path or not Path(tf_path).is_file():
             raise ArtifactError(
                 f"model.variant={cfg.model.variant} classifies with the hard-prompt text features, "
-                f"but the file recorded in {run_dir / 'run.json'} is missing: {tf_path}"
+                f"but the file recorded in {run_dir / RUN_FILE} is missing: {tf_path}"
             )
         from mpafer.clip.text_features import load_text_features
 
         targets = load_text_features(tf_path, classes)
-    inf_cfg = cfg.model_copy(update={"model": inference_model_config(cfg.model)})
-    model = build_model(inf_cfg, backbone, classes, targets, None)
-    model.load_prompt_state_dict({k: v.to(dev) for k, v in tensors.items()})  # type: ignore[operator]
+    model = MPAFER(backbone, classes, inference_model_config(cfg.model), targets, None).to(dev)
+    model.load_prompt_state_dict({k: v.to(dev) for k, v in tensors.items()})
     model.eval()
     _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None, **backbone.resize_settings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, classes=classes, backbone=backbone, model=model,

@@ -25,6 +25,7 @@ from typing import Any
 
 from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, content_key, sha256_file
 from mpafer.errors import DataError
+from mpafer.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PROMPTS_FILE, TRAIN_RESULT_FILE
 
 __all__ = [
     "evaluate",
@@ -63,7 +64,7 @@ def _suffix(split: str) -> str:
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The per-epoch rows of ``run_dir/metrics.jsonl`` (empty when absent)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -207,7 +208,7 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
 
 # ------------------------------------------------------------------------------------------ evaluate
 def _train_result(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "train.json"
+    path = run_dir / TRAIN_RESULT_FILE
     if path.is_file():
         try:
             return dict(json.loads(path.read_text()))
@@ -215,7 +216,7 @@ def _train_result(run_dir: Path) -> dict[str, Any]:
             pass
     from mpafer.train.checkpoint import load_latest_valid
 
-    found = load_latest_valid(run_dir / "checkpoints")
+    found = load_latest_valid(run_dir / CHECKPOINT_DIR)
     if found is not None and found[1].get("finished"):
         return dict(found[1]["result"])
     from mpafer.errors import ArtifactError
@@ -244,7 +245,8 @@ def evaluate(
     evaluation with the same run, prompts, manifest and split is reused unless ``force``.
     """
     from mpafer.data.manifest import load_manifest
-    from mpafer.train.loop import eval_loader, run_inference
+    from mpafer.train.batches import eval_loader
+    from mpafer.train.inference import run_inference
     from mpafer.train.metrics import classification_metrics
     from mpafer.train.predict import load_run, read_run_config, read_run_info
 
@@ -253,7 +255,7 @@ def evaluate(
     cfg = read_run_config(run_dir)
     train_res = _train_result(run_dir)
     manifest = load_manifest(manifest_path)
-    prompts_path = run_dir / "prompts.safetensors"
+    prompts_path = run_dir / PROMPTS_FILE
     eval_key = content_key("evaluate", train_res.get("config_key"), sha256_file(prompts_path) if prompts_path.is_file()
                            else None, str(manifest.key), split)
     sfx = _suffix(split)
@@ -296,9 +298,9 @@ def evaluate(
         "confusion_png": str(confusion_png.resolve()),
         "curves_png": str(curves_png.resolve()) if curves_png else None,
         "prompts": str(prompts_path.resolve()),
-        "config": str((run_dir / "config.json").resolve()),
-        "metrics": str((run_dir / "metrics.jsonl").resolve()) if rows else None,
-        "checkpoints": str((run_dir / "checkpoints").resolve()),
+        "config": str((run_dir / CONFIG_FILE).resolve()),
+        "metrics": str((run_dir / METRICS_FILE).resolve()) if rows else None,
+        "checkpoints": str((run_dir / CHECKPOINT_DIR).resolve()),
         "manifest": str(Path(manifest_path).resolve()),
     }
     summary: dict[str, Any] = {
