@@ -30,7 +30,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.pipeline import mpa_fer_pipeline
-from flows.stages import DEMO_CONFIG, STAGE_FLOWS
+from flows.stages import STAGE_FLOWS
 from mpafer.config import demo_config, load_config
 
 DEMO_DEPLOYMENT = "demo"
@@ -62,7 +62,7 @@ def build_deployments(
     out: list[RunnerDeployment] = [
         mpa_fer_pipeline.to_deployment(
             name=DEMO_DEPLOYMENT,
-            parameters={"config": DEMO_CONFIG.model_dump(mode="json")},
+            parameters={"config": demo_config().model_dump(mode="json")},
             description="The embedded demo: synthetic faces, tiny CLIP, curated descriptions (CPU, no network).",
             **common,
         )

@@ -1,14 +1,20 @@
-"""One Prefect flow per stage, and the shared executor the parent flow uses too.
+"""One Prefect flow per stage, derived from the stage graph, and the executor the parent flow uses too.
 
-Each stage flow runs the pipeline *up to and including* its stage: the upstream tasks are cache hits
-when their artifacts exist, so ``mpa-fer-text-features`` costs the text features and nothing else on a
-warm project. Flow parameters (the same for every flow here and for ``mpa-fer-pipeline``):
+Each stage flow runs the pipeline *up to and including* its stage (:func:`mpafer.pipeline.stages_until`):
+the upstream tasks are cache hits when their artifacts exist, so ``mpa-fer-text-features`` costs the text
+features and nothing else on a warm project. The flows are ``manifest_flow``, ``describe_flow``,
+``text_features_flow``, ``prototypes_flow``, ``train_flow`` and ``evaluate_flow`` (``<stage>_flow``, the
+names ``prefect.yaml`` points at), one per entry of :data:`mpafer.pipeline.GRAPH`.
+
+Flow parameters (the same for every flow here and for ``mpa-fer-pipeline``):
 
 ``config``
-    The :class:`~mpafer.config.Config` (default: the demo config). Prefect publishes its JSON schema with
-    the deployment, so the server rejects invalid values (an unknown variant, a negative lr, a misspelt
-    field, ...) when a run is created, naming the field. Groups or fields left out take the Config
-    defaults (the paper's protocol), so pass a complete config or use ``overrides``.
+    The :class:`~mpafer.config.Config`; ``None`` (the default) means the demo config, read when the flow
+    runs (nothing is read at import). The parameter is typed ``Config``, not ``Config | None``, so that
+    Prefect publishes the config's own JSON schema with the deployment and the server rejects invalid
+    values (an unknown variant, a negative lr, a misspelt field, ...) when a run is created, naming the
+    field. Groups or fields left out take the Config defaults (the paper's protocol), so pass a complete
+    config or use ``overrides``.
 ``overrides``
     ``key=value`` strings applied last, as ``mpafer run --set`` does (validated when the run starts).
 """
@@ -19,28 +25,23 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import Task, flow, get_run_logger
-from prefect.futures import PrefectFuture
+from prefect import Flow, Task, flow, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.tasks import configured
 from mpafer.config import Config, apply_overrides, build_config, demo_config
-from mpafer.errors import ConfigError
-from mpafer.pipeline import STAGES, StageName, StageResult, prepare_config, refresh_set
-
-#: The flows' default ``config`` parameter: ``configs/demo.yaml``.
-DEMO_CONFIG: Config = demo_config()
-
-#: The stages a stage flow runs: itself and everything upstream of it.
-_NEEDS: dict[StageName, set[StageName]] = {
-    "manifest": {"manifest"},
-    "describe": {"manifest", "describe"},
-    "text_features": {"manifest", "describe", "text_features"},
-    "prototypes": {"manifest", "prototypes"},
-    "train": {"manifest", "describe", "text_features", "prototypes", "train"},
-    "evaluate": set(STAGES),
-}
+from mpafer.pipeline import (
+    GRAPH,
+    STAGES,
+    Stage,
+    StageResult,
+    prepare_config,
+    refresh_set,
+    stage_inputs,
+    stages_until,
+)
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -48,12 +49,12 @@ def resolve_config(
     config: Config | Mapping[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] | None = None,
 ) -> Config:
-    """The run's config: ``config`` (default: the demo config) with ``overrides`` applied.
+    """The run's config: ``config`` (``None``: the demo config) with ``overrides`` applied.
 
     Raises :class:`ConfigError` naming the field for any invalid value.
     """
     if config is None:
-        config = DEMO_CONFIG
+        config = demo_config()
     data = config.model_dump(mode="json") if isinstance(config, Config) else dict(config)
     return build_config(apply_overrides(data, list(overrides or [])))
 
@@ -79,134 +80,75 @@ def _unwrap(state: State[Any], started: float) -> StageResult:
     """The task's StageResult (raising its exception on failure), marked cached on a Prefect cache hit."""
     result: StageResult = state.result(raise_on_failure=True)  # type: ignore[assignment]
     seconds = round(time.perf_counter() - started, 4)
-    if state.name == "Cached":
-        return result.model_copy(update={"cached": True, "seconds": seconds})
-    return result.model_copy(update={"seconds": seconds})
+    return result.model_copy(update={"seconds": seconds, "cached": result.cached or state.name == "Cached"})
 
 
-def _call(t: Task[..., StageResult], **kwargs: Any) -> StageResult:
-    started = time.perf_counter()
-    return _unwrap(t(**kwargs, return_state=True), started)
+def execute(cfg: Config, until: str = "evaluate") -> tuple[Config, dict[str, StageResult]]:
+    """Run the stage tasks ``until`` needs (inside a flow). Returns the prepared config and the results.
 
-
-def _collect(future: PrefectFuture[StageResult], started: float) -> StageResult:
-    future.wait()
-    return _unwrap(future.state, started)
-
-
-def execute(cfg: Config, until: StageName = "evaluate") -> tuple[Config, dict[StageName, StageResult]]:
-    """Run the stage tasks needed for ``until`` (inside a flow). Returns the prepared config and the results.
-
-    The prototypes branch runs concurrently with describe → text features.
+    Stages run as soon as their upstream results are in: when several are ready at once, the first (in
+    graph order) runs in the flow's own thread and the others alongside it on Prefect's task runner (so
+    the prototypes are computed while the descriptions and text features are).
     """
-    if until not in _NEEDS:
-        raise ConfigError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    todo = stages_until(until)  # an unknown stage fails here, before any work
     logger = get_run_logger()
     force = refresh_set(cfg)
     cfg = prepare_config(cfg)  # absolute paths; generates the synthetic faces when needed
     tasks = configured(cfg, force)
-    needs = _NEEDS[until]
-    out: dict[StageName, StageResult] = {}
+    out: dict[str, StageResult] = {}
+    running: dict[str, tuple[PrefectFuture[StageResult], float]] = {}
 
-    out["manifest"] = _call(tasks["manifest"], cfg=cfg, refresh="manifest" in force)
-    manifest = out["manifest"]
-    classes = list(manifest.info["classes"])
-    proto_future: PrefectFuture[StageResult] | None = None
-    proto_started = time.perf_counter()
-    if "prototypes" in needs:
-        proto_future = tasks["prototypes"].submit(cfg=cfg, manifest=manifest, refresh="prototypes" in force)
+    def kwargs(stage: Stage) -> dict[str, Any]:
+        return {"cfg": cfg, **stage_inputs(stage, out), "refresh": stage.name in force}
+
     try:
-        if "describe" in needs:
-            out["describe"] = _call(tasks["describe"], cfg=cfg, classes=classes, refresh="describe" in force)
-        if "text_features" in needs:
-            out["text_features"] = _call(
-                tasks["text_features"], cfg=cfg, describe=out["describe"], classes=classes,
-                refresh="text_features" in force,
-            )
-    finally:
-        if proto_future is not None:
-            out["prototypes"] = _collect(proto_future, proto_started)
-    if "train" in needs:
-        out["train"] = _call(
-            tasks["train"], cfg=cfg, manifest=manifest, text_features=out["text_features"],
-            prototypes=out["prototypes"], refresh="train" in force,
-        )
-    if "evaluate" in needs:
-        timings = {stage: r.seconds for stage, r in out.items()}  # merged into summary.json when evaluated
-        out["evaluate"] = _call(tasks["evaluate"], cfg=cfg, train=out["train"], manifest=manifest,
-                                timings=timings, refresh="evaluate" in force)
-    for stage in STAGES:
-        if stage in out:
-            r = out[stage]
-            logger.info("%s: %s in %.2f s (key %s) %s", stage, "cached" if r.cached else "computed", r.seconds,
+        while todo or running:
+            ready = [s for s in todo if all(u in out for u in s.upstream)]
+            for stage in ready:
+                todo.remove(stage)
+            for stage in ready[1:]:
+                running[stage.name] = (tasks[stage.name].submit(**kwargs(stage)), time.perf_counter())
+            if ready:
+                started = time.perf_counter()
+                out[ready[0].name] = _unwrap(_call(tasks[ready[0].name], kwargs(ready[0])), started)
+                continue
+            done = next(as_completed([future for future, _ in running.values()]))
+            name = next(n for n, (future, _) in running.items() if future is done)
+            future, started = running.pop(name)
+            future.wait()  # sets the final state (the done callback can fire before it is recorded)
+            out[name] = _unwrap(future.state, started)
+    finally:  # a failed stage: let the ones running alongside finish before its error propagates
+        for future, _ in running.values():
+            future.wait()
+    for name in STAGES:
+        if name in out:
+            r = out[name]
+            logger.info("%s: %s in %.2f s (key %s) %s", name, "cached" if r.cached else "computed", r.seconds,
                         r.key[:12], r.path)
     return cfg, out
 
 
-def _stage_flow_body(stage: StageName, config: Config, overrides: list[str] | None) -> dict[str, Any]:
-    cfg = resolve_config(config, overrides)
-    _, results = execute(cfg, until=stage)
-    if stage == "evaluate":
-        from flows.artifacts import publish_evaluation
-
-        publish_evaluation(results["evaluate"])
-    return {s: r.model_dump(mode="json") for s, r in results.items()}
+def _call(t: Task[..., StageResult], kwargs: dict[str, Any]) -> State[Any]:
+    return t(**kwargs, return_state=True)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------------------------ flows
-@flow(name="mpa-fer-manifest", flow_run_name=flow_run_label, description="Build (or reuse) the dataset manifest.")
-def manifest_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("manifest", config, overrides)
+def _stage_flow(stage: Stage) -> Flow[..., dict[str, Any]]:
+    def run_stage(config: Config = None, overrides: list[str] | None = None) -> dict[str, Any]:  # type: ignore[assignment]
+        cfg = resolve_config(config, overrides)
+        _, results = execute(cfg, until=stage.name)
+        if stage.name == "evaluate":
+            from flows.artifacts import publish_evaluation
+
+            publish_evaluation(results["evaluate"])
+        return {s: r.model_dump(mode="json") for s, r in results.items()}
+
+    # the module attribute prefect.yaml and deployments name (``flows.stages.<stage>_flow``)
+    run_stage.__name__ = run_stage.__qualname__ = f"{stage.name}_flow"
+    name = "mpa-fer-" + stage.name.replace("_", "-")
+    return flow(name=name, flow_run_name=flow_run_label, description=stage.about)(run_stage)
 
 
-@flow(name="mpa-fer-describe", flow_run_name=flow_run_label,
-      description="Class descriptions from the LLM (or the committed file).")
-def describe_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("describe", config, overrides)
-
-
-@flow(name="mpa-fer-text-features", flow_run_name=flow_run_label,
-      description="Hard-prompt text features (runs manifest and describe first when needed).")
-def text_features_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("text_features", config, overrides)
-
-
-@flow(name="mpa-fer-prototypes", flow_run_name=flow_run_label,
-      description="Class prototypes from the frozen image encoder (runs the manifest first when needed).")
-def prototypes_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("prototypes", config, overrides)
-
-
-@flow(name="mpa-fer-train", flow_run_name=flow_run_label,
-      description="Train the prompts (stage 1 artifacts are reused or built first).")
-def train_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("train", config, overrides)
-
-
-@flow(name="mpa-fer-evaluate", flow_run_name=flow_run_label,
-      description="Evaluate the trained prompts and publish the report artifacts.")
-def evaluate_flow(
-    config: Config = DEMO_CONFIG, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    return _stage_flow_body("evaluate", config, overrides)
-
-
-#: The stage flows by stage name.
-STAGE_FLOWS = {
-    "manifest": manifest_flow,
-    "describe": describe_flow,
-    "text_features": text_features_flow,
-    "prototypes": prototypes_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-}
+#: The stage flows by stage name, also module attributes ``<stage>_flow``.
+STAGE_FLOWS: dict[str, Flow[..., dict[str, Any]]] = {s.name: _stage_flow(s) for s in GRAPH}
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})

@@ -29,6 +29,8 @@ CANONICAL_CLASSES: tuple[str, ...] = (
 
 DatasetName = Literal["rafdb", "ferplus", "affectnet7", "affectnet8", "fer2013", "folder", "csv"]
 Granularity = Literal["coarse", "task", "fine"]
+#: The pipeline's stages (``mpafer.pipeline.GRAPH`` declares what each one reads and runs).
+StageName = Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]
 Variant = Literal[
     "zeroshot",  # frozen CLIP with hard-prompt class targets, no learning
     "coop",  # text soft prompts only, global score, cross-entropy
@@ -289,9 +291,7 @@ class PipelineConfig(_Model):
     project_dir: Path = Path("mpafer_work")
     name: str | None = None
     #: Stages to recompute even when their artifact exists.
-    refresh: list[Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]] = Field(
-        default_factory=list
-    )
+    refresh: list[StageName] = Field(default_factory=list)
     #: Cron schedule for the retraining deployment.
     schedule_cron: str | None = None
 

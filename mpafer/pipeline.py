@@ -29,13 +29,15 @@ Artifacts live under ``cfg.pipeline.project_dir``::
     runs/<name>-<key12>/               training run (checkpoints, prompts, summary.json, report.md, PNGs)
     pipeline_runs/                     one JSON summary per pipeline run (timings, keys, cached flags)
 
-:func:`run_pipeline` calls the stages in order; it is the reference behaviour the Prefect flows mirror.
+:data:`GRAPH` declares the stages once (name, upstream stages); :func:`run_pipeline` runs them in order, and
+the Prefect tasks and flows (``flows/``) are derived from the same declaration.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
 import json
 import logging
 import os
@@ -44,10 +46,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,14 +61,10 @@ from mpafer.artifacts import (
     parquet_metadata,
     sha256_file,
 )
-from mpafer.config import Config
+from mpafer.config import Config, StageName
 from mpafer.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-StageName = Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]
-#: The stages in execution order.
-STAGES: tuple[StageName, ...] = ("manifest", "describe", "text_features", "prototypes", "train", "evaluate")
 
 #: Data-config fields that do not change the manifest's content (left out of the source fingerprint).
 DATA_FINGERPRINT_EXCLUDE = frozenset({"hash_workers", "manifest_dir", "png_cache", "synthetic"})
@@ -737,23 +735,91 @@ def stage_evaluate(
     return done(*_once(cfg, plan, refresh, lambda: _eval_record(plan.path, plan.key), build))
 
 
-# ------------------------------------------------------------------------------------------ planning
-def plan_stage(stage: str, inputs: dict[str, Any]) -> StagePlan:
+# ------------------------------------------------------------------------------------------ the graph
+#: Inputs a stage may take besides upstream results: the manifest's class names, and the seconds each
+#: stage so far took (merged into the evaluation's summary).
+_DERIVED: dict[str, tuple[str, Callable[[Mapping[str, StageResult]], Any]]] = {
+    "classes": ("manifest", lambda results: list(results["manifest"].info["classes"])),
+    "timings": ("manifest", lambda results: {name: r.seconds for name, r in results.items()}),
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the stage graph: its name, what it reads, and how it is described.
+
+    Its functions follow the module's naming contract, ``plan_<name>`` and ``stage_<name>``, and are looked
+    up when used (so a wrapper installed on the module, in a test or for instrumentation, sees every call).
+    Both take ``cfg`` and the keyword arguments named in ``inputs``: an upstream stage's name (its
+    :class:`StageResult`) or a derived input (``classes``, ``timings``).
+    """
+
+    name: StageName
+    inputs: tuple[str, ...]
+    #: One line on what the stage does (the Prefect flow's description).
+    about: str
+    #: What this instance of the stage works on, for run names (``manifest-rafdb``, ``train-mpa-...``).
+    label: Callable[[Config], str]
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The stages whose results this one reads."""
+        names = [_DERIVED[i][0] if i in _DERIVED else i for i in self.inputs]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def plan(self) -> Callable[..., StagePlan]:
+        return globals()[f"plan_{self.name}"]  # type: ignore[no-any-return]
+
+    @property
+    def run(self) -> Callable[..., StageResult]:
+        return globals()[f"stage_{self.name}"]  # type: ignore[no-any-return]
+
+
+#: The stage graph, once, in an order that runs every stage after its upstream stages. ``run_pipeline``,
+#: the Prefect tasks and flows (``flows/``), "everything up to stage X" and the cache policy derive from it.
+GRAPH: tuple[Stage, ...] = (
+    Stage("manifest", (), "Build (or reuse) the dataset manifest.", lambda c: c.data.dataset),
+    Stage("describe", ("classes",), "Class descriptions from the LLM (or the committed file).", lambda c: c.llm.model),
+    Stage("text_features", ("describe", "classes"), "Hard-prompt text features of the frozen CLIP.",
+          lambda c: c.clip.model),
+    Stage("prototypes", ("manifest",), "Class prototypes from the frozen CLIP image encoder.", lambda c: c.clip.model),
+    Stage("train", ("manifest", "text_features", "prototypes"), "Train the prompts (resumes a crashed run).",
+          lambda c: f"{c.model.variant}-{c.clip.model}-{c.train.epochs}ep"),
+    Stage("evaluate", ("train", "manifest", "timings"), "Evaluate the trained prompts: summary, report and PNGs.",
+          lambda c: "test"),
+)
+#: The stages in execution order.
+STAGES: tuple[StageName, ...] = tuple(s.name for s in GRAPH)
+_BY_NAME: dict[str, Stage] = {s.name: s for s in GRAPH}
+
+
+def stage_of(name: str) -> Stage:
+    """The graph's stage ``name`` (:class:`ConfigError` naming the stages for anything else)."""
+    if name not in _BY_NAME:
+        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return _BY_NAME[name]
+
+
+def stages_until(name: str) -> list[Stage]:
+    """Stage ``name`` and everything upstream of it, in execution order."""
+    needed = {stage_of(name).name}
+    for stage in reversed(GRAPH):
+        if stage.name in needed:
+            needed.update(stage.upstream)
+    return [s for s in GRAPH if s.name in needed]
+
+
+def stage_inputs(stage: Stage, results: Mapping[str, StageResult]) -> dict[str, Any]:
+    """The keyword arguments (besides ``cfg`` and ``refresh``) of ``stage``'s functions, from the results
+    so far."""
+    return {i: _DERIVED[i][1](results) if i in _DERIVED else results[i] for i in stage.inputs}
+
+
+def plan_stage(stage: str, inputs: Mapping[str, Any]) -> StagePlan:
     """The plan of ``stage`` from the keyword arguments its ``stage_*`` function takes (``refresh`` and
     other extras are ignored). What the Prefect cache policy calls."""
-    planners: dict[str, Callable[..., StagePlan]] = {
-        "manifest": plan_manifest,
-        "describe": plan_describe,
-        "text_features": plan_text_features,
-        "prototypes": plan_prototypes,
-        "train": plan_train,
-        "evaluate": plan_evaluate,
-    }
-    if stage not in planners:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    import inspect
-
-    fn = planners[stage]
+    fn = stage_of(stage).plan
     names = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in inputs.items() if k in names})
 
@@ -805,18 +871,12 @@ def refresh_set(cfg: Config, refresh: Iterable[str] = ()) -> set[str]:
 
 
 def run_pipeline(cfg: Config, refresh: Iterable[str] = ()) -> dict[str, Any]:
-    """Run every stage in order without Prefect and return the summary (see :func:`summarize`)."""
+    """Run every stage of :data:`GRAPH` in order without Prefect and return the summary (:func:`summarize`)."""
     t0 = time.perf_counter()
     force = refresh_set(cfg, refresh)
     cfg = prepare_config(cfg)
-    manifest = stage_manifest(cfg, refresh="manifest" in force)
-    classes = manifest.info["classes"]
-    describe = stage_describe(cfg, classes, refresh="describe" in force)
-    text = stage_text_features(cfg, describe, classes, refresh="text_features" in force)
-    protos = stage_prototypes(cfg, manifest, refresh="prototypes" in force)
-    trained = stage_train(cfg, manifest, text, protos, refresh="train" in force)
-    timings = {r.stage: r.seconds for r in (manifest, describe, text, protos, trained)}
-    evaluated = stage_evaluate(cfg, trained, manifest, timings=timings, refresh="evaluate" in force)
+    results: dict[str, StageResult] = {}
+    for stage in GRAPH:
+        results[stage.name] = stage.run(cfg, **stage_inputs(stage, results), refresh=stage.name in force)
     release_backbones()
-    results = [manifest, describe, text, protos, trained, evaluated]
-    return summarize(cfg, results, time.perf_counter() - t0)
+    return summarize(cfg, results.values(), time.perf_counter() - t0)

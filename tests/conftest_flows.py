@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from mpafer.config import Config, demo_config
+from mpafer.pipeline import STAGES
 
 #: The tiny pipeline: synthetic faces (4 train + 4 test per class × 3 classes at 32 px), the random-weight
 #: test CLIP, cached descriptions, one epoch.
@@ -42,15 +43,9 @@ TINY_OVERRIDES = (
 
 SERVER_START_TIMEOUT_S = 180.0
 
-#: Task function name → pipeline stage (task keys are ``<function name>-<hash>``).
-TASK_STAGE = {
-    "manifest_task": "manifest",
-    "describe_task": "describe",
-    "text_features_task": "text_features",
-    "prototypes_task": "prototypes",
-    "train_task": "train",
-    "evaluate_task": "evaluate",
-}
+#: Task function name → pipeline stage (task keys are ``<function name>-<hash>``; each stage's task is its
+#: ``stage_<name>`` function).
+TASK_STAGE = {f"stage_{stage}": stage for stage in STAGES}
 
 
 def tiny_config(project_dir: Path, *overrides: str) -> Config:

@@ -39,7 +39,7 @@ from mpafer.config import (  # noqa: E402
     TrainConfig,
     demo_config,
 )
-from mpafer.errors import ArtifactError  # noqa: E402
+from mpafer.errors import ArtifactError, ConfigError  # noqa: E402
 from mpafer.train.inputs import training_key  # noqa: E402
 
 CURATED = REPO_ROOT / "prompts_cache" / "curated.json"
@@ -232,6 +232,37 @@ def test_every_stage_key_follows_its_upstream_keys(key_env: Path) -> None:
         new = _stage_keys(cfg, {**inputs, name: changed_input})
         readers = {s for s in P.STAGES if new[s] != keys[s]}
         assert readers == {s for s, ups in UPSTREAM.items() if name in ups}, name
+
+
+def test_the_stage_graph_is_the_one_declaration() -> None:
+    """The graph's declared inputs are what each stage's key reads; the config's stage names, the pipeline
+    runner's order, "everything up to X" and the Prefect tasks and flows all come from it."""
+    from typing import get_args
+
+    from mpafer.config import StageName
+
+    assert {s.name: set(s.inputs) - {"timings"} for s in P.GRAPH} == UPSTREAM
+    assert P.STAGES == get_args(StageName)
+    position = {name: i for i, name in enumerate(P.STAGES)}
+    assert all(position[u] < position[s.name] for s in P.GRAPH for u in s.upstream)
+    assert {s: [x.name for x in P.stages_until(s)] for s in P.STAGES} == {
+        "manifest": ["manifest"],
+        "describe": ["manifest", "describe"],
+        "text_features": ["manifest", "describe", "text_features"],
+        "prototypes": ["manifest", "prototypes"],
+        "train": ["manifest", "describe", "text_features", "prototypes", "train"],
+        "evaluate": list(P.STAGES),
+    }
+    with pytest.raises(ConfigError, match="unknown stage 'bogus'"):
+        P.stages_until("bogus")
+
+    import flows.stages
+    from flows.tasks import TASKS
+
+    assert list(TASKS) == list(P.STAGES) and list(flows.stages.STAGE_FLOWS) == list(P.STAGES)
+    for name in P.STAGES:
+        assert TASKS[name].fn is P.stage_of(name).run
+        assert getattr(flows.stages, f"{name}_flow") is flows.stages.STAGE_FLOWS[name]
 
 
 # ------------------------------------------------------------------------------------------ the model
