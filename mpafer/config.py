@@ -289,6 +289,8 @@ class TrainConfig(_Model):
 class PipelineConfig(_Model):
     #: Project folder holding every artifact (manifests, features, runs, caches).
     project_dir: Path = Path("mpafer_work")
+    #: Where the text features and prototypes go (relative paths are relative to the project folder).
+    features_dir: Path = Path("features")
     name: str | None = None
     #: Stages to recompute even when their artifact exists.
     refresh: list[StageName] = Field(default_factory=list)

@@ -24,8 +24,8 @@ Artifacts live under ``cfg.pipeline.project_dir``::
     synthetic/<key12>/                 generated demo faces (when data.root is unset)
     <data.manifest_dir>/               manifests + index-<step16>.json (source fingerprint → manifest)
     descriptions/                      LLM-generated descriptions + describe-<key16>.json records
-    features/text-<key16>.parquet      hard-prompt text features
-    features/prototypes-<key16>.parquet
+    <pipeline.features_dir>/           text-<key16>.parquet (hard-prompt text features),
+                                       prototypes-<key16>.parquet
     runs/<name>-<key12>/               training run (checkpoints, prompts, summary.json, report.md, PNGs)
     pipeline_runs/                     one JSON summary per pipeline run (timings, keys, cached flags)
 
@@ -130,7 +130,8 @@ def manifest_dir(cfg: Config) -> Path:
 
 
 def features_dir(cfg: Config) -> Path:
-    return project_dir(cfg) / "features"
+    """Where text features and prototypes go (``pipeline.features_dir``, relative to the project)."""
+    return _abs(cfg, cfg.pipeline.features_dir)
 
 
 def descriptions_dir(cfg: Config) -> Path:
@@ -398,6 +399,16 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
     return _manifest_stage_result(plan, rec, cached, t0)
 
 
+def given_manifest(path: str | os.PathLike[str]) -> StageResult:
+    """A manifest file made outside the pipeline (``mpafer manifest``) as the manifest stage's result, so
+    that the stages after it run on it unchanged (``mpafer embed``)."""
+    from mpafer.data.manifest import load_manifest
+
+    m = load_manifest(path)
+    return StageResult(stage="manifest", path=Path(path).resolve(), key=str(m.key), cached=True, seconds=0.0,
+                       info={"classes": list(m.classes), "dataset": m.dataset})
+
+
 # ------------------------------------------------------------------------------------------ describe
 def _describe_identity(cfg: Config) -> dict[str, Any]:
     from mpafer.describe.client import effective_base_url, server_host
@@ -460,6 +471,15 @@ def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False
     return done(*_once(cfg, plan, refresh, lambda: _describe_record(plan.path), build))
 
 
+def given_descriptions(path: str | os.PathLike[str]) -> StageResult:
+    """A descriptions file (``prompts_cache/...``, ``mpafer describe``) as the describe stage's result."""
+    from mpafer.describe import load_descriptions
+
+    path = Path(path).resolve()
+    load_descriptions(path)  # validate before anything is built from it
+    return StageResult(stage="describe", path=path, key=sha256_file(path), cached=True, seconds=0.0)
+
+
 # ------------------------------------------------------------------------------------------ text features
 def plan_text_features(cfg: Config, describe: StageResult, classes: Sequence[str]) -> StagePlan:
     """Key = descriptions file sha256 + CLIP model/identity/precision + granularities + classes."""
@@ -504,8 +524,10 @@ def plan_prototypes(cfg: Config, manifest: StageResult) -> StagePlan:
     return StagePlan("prototypes", key, path, lambda: is_valid_parquet(path))
 
 
-def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = False) -> StageResult:
-    """Class prototypes: mean frozen-CLIP image features of the training images per class."""
+def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = False,
+                     progress: bool = False) -> StageResult:
+    """Class prototypes: mean frozen-CLIP image features of the training images per class (``progress``: a
+    progress bar on the terminal)."""
     t0 = time.perf_counter()
     plan = plan_prototypes(cfg, manifest)
 
@@ -523,7 +545,7 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
                 cfg.train.eval_batch_size,
                 cfg.train.num_workers,
                 amp=cfg.train.amp,
-                progress=False,
+                progress=progress,
             )
             _move_into_place(produced, plan.path)
 

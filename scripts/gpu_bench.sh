@@ -14,7 +14,7 @@ if [ "${MPAFER_BENCH_SMALL:-0}" != 1 ] && [ -d .whl ]; then python3 -m pip insta
 # 7 classes, CGLA top-16 and all losses, bf16 autocast:
 #   train-step at batch 256 compiled and eager, at batch 32 compiled (and with CUDA graphs), peak memory,
 #   FLOPs/image and utilisation; a whole epoch of 12,271 JPEGs of 100x100 including data loading at batch
-#   32 (-> the paper-protocol estimate: 120 epochs) and 256; evaluation images/s; the data paths alone;
+#   32 (-> the paper-protocol estimate: train.epochs = 120, the config default) and 256; evaluation images/s; the data paths alone;
 #   eager with open_clip's own attention modules (A/B of the fused attention).
 # Every benchmark runs under `timeout`, in priority order, and is skipped when the time budget
 # (MPAFER_BENCH_BUDGET_S, default 290 s from the start) cannot fit it, so the script ends within ~5 min.
@@ -38,22 +38,27 @@ export PYTHONUNBUFFERED=1
 # one Inductor cache for all benchmarks: the epoch runs reuse the train-step graphs of the same shapes
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/mpafer-inductor-cache}"
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-# also set in code (mpafer.train.loop.inductor_workarounds): torch 2.11's coalescing analysis asserts on this graph
+# also set in code (mpafer.runtime.inductor_workarounds): torch 2.11's coalescing analysis asserts on this graph
 export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0
 
+# the run is configured as for training (--set group.field=value); --classes etc. are the benchmark's own
 if [ "$SMALL" = "1" ]; then
     DEVICE=cpu
-    MODEL=(--model mpafer-tiny --device cpu --n-visual-tokens 2 --n-ctx 2 --topk 4 --classes 7)
-    COMPILE=(--no-compile)
+    MODEL=(--set clip.model=mpafer-tiny --set train.device=cpu --set clip.device=cpu --set model.n_visual_tokens=2
+           --set model.n_ctx=2 --set model.topk=4 --classes 7)
+    COMPILE=(--set "train.compile='off'")
+    EAGER=(--set "train.compile='off'")
     RO_MODE=()
     B_BIG=8; B_SMALL=4; STEPS_BIG=3; STEPS_SMALL=4; WARM=1
     N_EPOCH=64; N_DATA=48; EVAL_B=16; EVAL_STEPS=3; WORKERS=1
     DATA_SIZES="100,64"
 else
     DEVICE=cuda
-    MODEL=(--model ViT-B-16 --device cuda --n-visual-tokens 8 --n-ctx 10 --topk 16 --classes 7)
-    COMPILE=(--compile)
-    RO_MODE=(--compile --compile-mode reduce-overhead)
+    MODEL=(--set clip.model=ViT-B-16 --set train.device=cuda --set clip.device=cuda --set model.n_visual_tokens=8
+           --set model.n_ctx=10 --set model.topk=16 --classes 7)
+    COMPILE=(--set "train.compile='on'")
+    EAGER=(--set "train.compile='off'")
+    RO_MODE=(--set "train.compile='on'" --set train.compile_mode=reduce-overhead)
     B_BIG=256; B_SMALL=32; STEPS_BIG=20; STEPS_SMALL=60; WARM=3
     N_EPOCH=12271; N_DATA=8192; EVAL_B=512; EVAL_STEPS=20; WORKERS=15
     DATA_SIZES="100,256"
@@ -103,30 +108,30 @@ nproc
 
 # Priority order: the required figures first; the extras run while the budget lasts. The epoch runs reuse
 # the compiled graphs of the same shapes through the Inductor cache; epoch_b32 also times the b32 step alone.
-bench step_b256_compiled 150 60 train-step "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$B_BIG" \
+bench step_b256_compiled 150 60 train-step "${MODEL[@]}" "${COMPILE[@]}" --set train.batch_size="$B_BIG" \
     --steps "$STEPS_BIG" --warmup "$WARM" --profile-out "$OUT/profile_step_b256_compiled.txt"
-bench epoch_b256_compiled 80 30 epoch "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$B_BIG" \
-    --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --work-dir "$WORK"
-bench step_b256_eager 60 20 train-step "${MODEL[@]}" --no-compile --batch-size "$B_BIG" \
+bench epoch_b256_compiled 80 30 epoch "${MODEL[@]}" "${COMPILE[@]}" --set train.batch_size="$B_BIG" \
+    --set train.num_workers="$WORKERS" --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --work-dir "$WORK"
+bench step_b256_eager 60 20 train-step "${MODEL[@]}" "${EAGER[@]}" --set train.batch_size="$B_BIG" \
     --steps "$(( STEPS_BIG / 2 > 1 ? STEPS_BIG / 2 : 2 ))" --warmup 2
-bench epoch_b32_compiled 120 50 epoch "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$B_SMALL" \
-    --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --step-steps "$STEPS_SMALL" --work-dir "$WORK" \
+bench epoch_b32_compiled 120 50 epoch "${MODEL[@]}" "${COMPILE[@]}" --set train.batch_size="$B_SMALL" \
+    --set train.num_workers="$WORKERS" --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --step-steps "$STEPS_SMALL" --work-dir "$WORK" \
     --profile-out "$OUT/profile_epoch_b32.txt"
-bench eval_compiled 90 35 eval "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$EVAL_B" --steps "$EVAL_STEPS" \
+bench eval_compiled 90 35 eval "${MODEL[@]}" "${COMPILE[@]}" --set train.eval_batch_size="$EVAL_B" --steps "$EVAL_STEPS" \
     --warmup 2 --profile-out "$OUT/profile_eval.txt"
 if [ "${#RO_MODE[@]}" -gt 0 ]; then
-    bench step_b32_cudagraphs 70 35 train-step "${MODEL[@]}" "${RO_MODE[@]}" --batch-size "$B_SMALL" \
+    bench step_b32_cudagraphs 70 35 train-step "${MODEL[@]}" "${RO_MODE[@]}" --set train.batch_size="$B_SMALL" \
         --steps "$STEPS_SMALL" --warmup "$WARM" --no-count-flops
     # the same CUDA graphs through the loop's data path (train.compile_mode=reduce-overhead): the protocol estimate
-    bench epoch_b32_cudagraphs 100 50 epoch "${MODEL[@]}" "${RO_MODE[@]}" --batch-size "$B_SMALL" \
-        --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --work-dir "$WORK"
+    bench epoch_b32_cudagraphs 100 50 epoch "${MODEL[@]}" "${RO_MODE[@]}" --set train.batch_size="$B_SMALL" \
+        --set train.num_workers="$WORKERS" --images "$N_EPOCH" --source-size 100 --warmup "$WARM" --work-dir "$WORK"
 fi
-bench data_paths 60 25 data --device "$DEVICE" --images "$N_DATA" --sizes "$DATA_SIZES" \
-    --batch-size "$B_BIG" --num-workers "$WORKERS" --work-dir "$WORK"
-bench step_b32_compiled 60 25 train-step "${MODEL[@]}" "${COMPILE[@]}" --batch-size "$B_SMALL" \
+bench data_paths 60 25 data --set train.device="$DEVICE" --images "$N_DATA" --sizes "$DATA_SIZES" \
+    --set train.batch_size="$B_BIG" --set train.num_workers="$WORKERS" --work-dir "$WORK"
+bench step_b32_compiled 60 25 train-step "${MODEL[@]}" "${COMPILE[@]}" --set train.batch_size="$B_SMALL" \
     --steps "$STEPS_SMALL" --warmup "$WARM" --profile-out "$OUT/profile_step_b32_compiled.txt"
-bench step_b256_eager_module 45 20 train-step "${MODEL[@]}" --no-compile --attention module \
-    --batch-size "$B_BIG" --steps "$(( STEPS_BIG / 2 > 1 ? STEPS_BIG / 2 : 2 ))" --warmup 2 --no-count-flops
+bench step_b256_eager_module 45 20 train-step "${MODEL[@]}" "${EAGER[@]}" --attention module \
+    --set train.batch_size="$B_BIG" --steps "$(( STEPS_BIG / 2 > 1 ? STEPS_BIG / 2 : 2 ))" --warmup 2 --no-count-flops
 
 # Summary: the targets of issue #7, met or not (a table the integrator copies into docs/PERFORMANCE.md).
 python3 - "$JSONL" "$SMALL" <<'PY' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"

@@ -165,6 +165,38 @@ def test_cli_embed_and_zeroshot(manifest: Path, tmp_path: Path, capsys: pytest.C
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: CLIP weights missing: model ViT-B-16, tag openai")
 
 
+def test_cli_embed_runs_the_pipeline_stages(manifest: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``mpafer embed`` is the pipeline's text-feature and prototype stages on the given files: the same
+    content-keyed paths, ``train.amp`` reaching the prototypes (and only them), reruns reused."""
+    from mpafer import pipeline as P
+    from mpafer.cli import main
+    from mpafer.config import load_config
+
+    desc = write_descriptions(tmp_path / "desc.json", TINY_DESCRIPTIONS)
+    sets = [f"clip.model={TINY}", "clip.pretrained=none", "clip.device=cpu", "train.num_workers=0",
+            "train.eval_batch_size=4", f"pipeline.project_dir={tmp_path / 'proj'}"]
+
+    def embed(*extra: str) -> dict[str, str]:
+        args = ["embed", "--manifest", str(manifest), "--descriptions", str(desc), "--no-progress"]
+        for item in (*sets, *extra):
+            args += ["--set", item]
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        return dict(line.split(" ", 1) for line in captured.out.strip().splitlines()) | {"err": captured.err}
+
+    first = embed()
+    cfg = load_config(None, sets)
+    classes = load_manifest(manifest).classes
+    assert first["text_features"] == str(P.plan_text_features(cfg, P.given_descriptions(desc), classes).path)
+    assert first["prototypes"] == str(P.plan_prototypes(cfg, P.given_manifest(manifest)).path)
+    again = embed()
+    assert again["prototypes"] == first["prototypes"] and "prototypes: reused" in again["err"]
+    bf16 = embed("train.amp=bf16")
+    assert bf16["text_features"] == first["text_features"] and bf16["prototypes"] != first["prototypes"]
+    assert parquet_metadata(bf16["prototypes"])["amp"] == "bf16"
+
+
 def test_uint8_transfer_equals_the_float_test_transform(backbone: Backbone, manifest: Path) -> None:
     """Workers ship uint8 crops; finishing them on the device reproduces the test transform exactly."""
     from mpafer.clip.prototypes import normalize_on_device, test_transform, uint8_test_transform

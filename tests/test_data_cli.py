@@ -88,7 +88,7 @@ def test_bench_tree_is_reused(tmp_path: Path) -> None:
 
 
 def test_bench_manifest_prints_one_json_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", "manifest", "--n", "300", "--workers", "2", "--dir", str(tmp_path / "b")])
+    code = main(["bench", "manifest", "--n", "300", "--set", "data.hash_workers=2", "--dir", str(tmp_path / "b")])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(out) == 1
     result = json.loads(out[0])

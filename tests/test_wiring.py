@@ -81,7 +81,7 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
         "keep_checkpoints": "3", "eval_batch_size": "8", "log_every_steps": "5", "devices": "2",
     },
     "pipeline": {
-        "project_dir": "{tmp}/proj2", "name": "other", "refresh": "[train]", "schedule_cron": "'0 3 * * *'",
+        "project_dir": "{tmp}/proj2", "features_dir": "other_features", "name": "other", "refresh": "[train]", "schedule_cron": "'0 3 * * *'",
     },
 }
 GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model": ModelConfig, "train": TrainConfig,
@@ -301,7 +301,7 @@ def test_loss_is_the_weighted_sum_of_its_parts_with_the_configured_weights() -> 
     torch.testing.assert_close(parts["vt"], F.cross_entropy(scores / 0.25, labels))
     want = parts["vt"] + 0.3 * (parts["ta"] + parts["pa"]) + 2.5 * parts["v"]
     torch.testing.assert_close(parts["total"], want)
-    assert float(parts["v"]) > 0 and float(parts["ta"]) > 0 and float(parts["pa"]) > 0
+    assert all(float(parts[k].detach()) > 0 for k in ("v", "ta", "pa"))
 
 
 def test_prompted_encoders_freeze_the_towers_they_wrap() -> None:

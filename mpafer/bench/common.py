@@ -5,21 +5,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from mpafer.config import CANONICAL_CLASSES, ClipConfig, ModelConfig
+from mpafer.config import CANONICAL_CLASSES, Config
 from mpafer.errors import ConfigError
-from mpafer.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from mpafer.clip.backbone import Backbone
+    from mpafer.model import MPAFER
 
 __all__ = [
+    "ATTENTION",
     "DATASHEET_PEAK_TFLOPS",
     "MEASURED_PEAK_TFLOPS",
-    "ModelSpec",
     "SyntheticTargets",
     "base_record",
     "build_bench_model",
@@ -29,45 +31,14 @@ __all__ = [
     "device_name",
     "measure_matmul_tflops",
     "peak_tflops",
-    "resolve_bench_device",
     "sync",
     "write_profile",
 ]
 
 #: Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), matched against the device name.
 DATASHEET_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0}
-#: What a large bf16 matrix product reaches on these cards here (docs/DESIGN.md, "Performance facts").
+#: What a large bf16 matrix product reaches on these cards here (DESIGN.md, "Performance facts").
 MEASURED_PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The benchmarked model: full MPA-FER by default (docs/METHOD.md §1 sizes) on a random-init CLIP."""
-
-    model: str = "ViT-B-16"
-    pretrained: str = "none"
-    precision: str = "fp32"
-    classes: int = 7
-    variant: str = "mpa"
-    n_ctx: int = 10
-    n_visual_tokens: int = 8
-    vpt_depth: int | None = None
-    topk: int = 16
-    local_features: str = "tokens"
-    descriptions_per_class: int = 5
-    #: ``fused`` (one scaled_dot_product_attention per block, the default) or ``module`` (open_clip's
-    #: blocks called as they are: nn.MultiheadAttention) — for A/B measurements of the fused path.
-    attention: str = "fused"
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            variant=self.variant,  # type: ignore[arg-type]
-            n_ctx=self.n_ctx,
-            n_visual_tokens=self.n_visual_tokens,
-            vpt_depth=self.vpt_depth,
-            topk=self.topk,
-            local_features=self.local_features,  # type: ignore[arg-type]
-        )
 
 
 @dataclass
@@ -89,11 +60,6 @@ def class_names(n: int) -> list[str]:
     return names
 
 
-def resolve_bench_device(name: str) -> torch.device:
-    """``--device`` (:func:`mpafer.runtime.resolve_device`)."""
-    return resolve_device(name, "--device")
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name, or ``cpu (N threads)``."""
     if device.type == "cuda":
@@ -107,21 +73,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_bench_model(spec: ModelSpec, device: torch.device, seed: int = 0) -> tuple[Any, nn.Module]:
-    """The frozen backbone and the MPA-FER module with random targets and prototypes, on ``device``."""
+#: The attention paths of the image and text towers that a benchmark can measure.
+ATTENTION = ("fused", "module")
+
+
+def build_bench_model(cfg: Config, classes: int, attention: str, device: torch.device,
+                      seed: int = 0) -> tuple[Backbone, MPAFER]:
+    """The frozen backbone of ``cfg.clip`` with random weights (throughput does not depend on their
+    values, and none need to be downloaded) and the MPA-FER module of ``cfg.model`` for ``classes``
+    synthetic classes, with random hard-prompt targets (as many prompts per class as ``cfg`` composes) and
+    prototypes, on ``device``. ``attention``: ``fused`` or ``module`` (open_clip's blocks as they are)."""
     from mpafer.clip.backbone import load_backbone
     from mpafer.model import MPAFER
 
+    if attention not in ATTENTION:
+        raise ConfigError(f"--attention: invalid value {attention!r}; allowed: {', '.join(ATTENTION)}")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    backbone = load_backbone(
-        ClipConfig(model=spec.model, pretrained=spec.pretrained, device=device.type,  # type: ignore[arg-type]
-                   precision=spec.precision)  # type: ignore[arg-type]
-    )
-    names = class_names(spec.classes)
+    backbone = load_backbone(cfg.clip.model_copy(update={"pretrained": "none", "device": device.type}))
+    names = class_names(classes)
     g = torch.Generator().manual_seed(seed)
     d, w, c = int(backbone.embed_dim), int(backbone.token_width), len(names)
-    per_class = 2 + spec.descriptions_per_class  # coarse + task + fine prompts
+    grains = cfg.model.granularities
+    per_class = ("coarse" in grains) + ("task" in grains) + cfg.llm.n_descriptions * ("fine" in grains)
     targets = SyntheticTargets(
         class_targets=torch.randn(c, d, generator=g),
         prompt_features=torch.randn(c * per_class, d, generator=g),
@@ -130,24 +104,23 @@ def build_bench_model(spec: ModelSpec, device: torch.device, seed: int = 0) -> t
     )
     prototypes = torch.randn(c, d, generator=g)
     torch.manual_seed(seed)
-    model = MPAFER(backbone, names, spec.model_config(), targets, prototypes).to(device)
-    if spec.attention not in ("fused", "module"):
-        raise ConfigError(f"--attention: invalid value {spec.attention!r}; allowed: fused, module")
-    if spec.attention == "module":
+    model = MPAFER(backbone, names, cfg.model, targets, prototypes).to(device)
+    if attention == "module":
         model.image.fused = False
         if model.text is not None:
             model.text.encoder.fused = False
     return backbone, model
 
 
-def base_record(bench: str, device: torch.device, spec: ModelSpec | None = None, **extra: Any) -> dict[str, Any]:
-    """The fields every record starts with."""
+def base_record(bench: str, device: torch.device, cfg: Config | None = None, **extra: Any) -> dict[str, Any]:
+    """The fields every record starts with (and, with ``cfg``, the model measured)."""
     rec: dict[str, Any] = {"bench": bench, "device": device_name(device), "device_type": device.type,
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                            "cpu_count": os.cpu_count()}
-    if spec is not None:
-        rec["model"] = spec.model
-        rec["config"] = asdict(spec)
+    if cfg is not None:
+        rec["model"] = cfg.clip.model
+        rec["config"] = {"clip": {"model": cfg.clip.model, "precision": cfg.clip.precision, "weights": "random"},
+                         "model": cfg.model.model_dump(mode="json")}
     rec.update(extra)
     return rec
 
@@ -167,7 +140,7 @@ def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None
     """``(peak used for the utilisation, where it comes from, measured reference)`` in TFLOP/s.
 
     ``given`` (``--peak-tflops``) wins; else the datasheet's dense bf16 peak for an H100/H200 (989), with
-    docs/DESIGN.md's measured ~790 as the reference; else nothing (no utilisation is reported).
+    DESIGN.md's measured ~790 as the reference; else nothing (no utilisation is reported).
     """
     reference = None
     name = device_name(device) if device.type == "cuda" else ""

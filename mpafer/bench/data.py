@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mpafer.bench.common import base_record, resolve_bench_device, sync
+from mpafer.bench.common import base_record, sync
+from mpafer.bench.options import DataBench
+from mpafer.config import Config, TrainConfig
 from mpafer.errors import ConfigError
+from mpafer.runtime import train_device
 
 __all__ = ["ItemList", "make_jpeg_set", "run_data_bench"]
 
@@ -101,15 +104,13 @@ def make_jpeg_set(root: str | os.PathLike[str], n: int, size: int, n_classes: in
     return items
 
 
-def _pil_pass(items: list[tuple[Path, int]], root: Path, image_size: int, batch_size: int, num_workers: int,
-              crop_scale_min: float, erasing_p: float, device: torch.device) -> dict[str, Any]:
+def _pil_pass(items: list[tuple[Path, int]], root: Path, image_size: int, tc: TrainConfig,
+              device: torch.device) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
-    from mpafer.config import TrainConfig
     from mpafer.data.images import ManifestDataset, clip_transforms
 
-    tc = TrainConfig(batch_size=batch_size, num_workers=num_workers, crop_scale_min=crop_scale_min,
-                     erasing_p=erasing_p, augment=True)
+    batch_size, num_workers = tc.batch_size, tc.num_workers
     train_tf, _ = clip_transforms(image_size, CLIP_MEAN, CLIP_STD, tc)
     classes = sorted({f"c{y}" for _, y in items})
     ds = ManifestDataset(ItemList(root, classes, items), "train", train_tf)
@@ -172,34 +173,26 @@ def _cache_pass(items: list[tuple[Path, int]], image_size: int, batch_size: int,
     }
 
 
-def run_data_bench(
-    *,
-    sizes: Sequence[int] = (100, 256),
-    n_images: int = 12271,
-    image_size: int = 224,
-    batch_size: int = 256,
-    num_workers: int | None = None,
-    threads: int | None = None,
-    device: str = "auto",
-    crop_scale_min: float = 0.8,
-    erasing_p: float = 0.25,
-    work_dir: str | os.PathLike[str] | None = None,
-    paths: Sequence[str] = ("pil", "cache"),
-) -> dict[str, Any]:
-    """Throughput of the PIL DataLoader path and of the uint8 cache + device augmentation path.
-
-    ``num_workers`` defaults to one fewer than the CPUs, ``threads`` (cache decode) to the CPUs. The JPEGs
-    are generated under ``work_dir`` (a temporary folder when ``None``; reused when complete).
-    """
-    if not sizes or any(s < 8 for s in sizes):
+def run_data_bench(cfg: Config, opts: DataBench = DataBench()) -> dict[str, Any]:
+    """Throughput of the PIL DataLoader path (``train.num_workers`` workers) and of the uint8 cache + device
+    augmentation path (``opts.threads`` decode threads, default one per CPU), at ``train.batch_size`` with
+    the config's augmentation, on JPEGs generated under ``opts.work_dir`` (a temporary folder when
+    ``None``; reused when complete)."""
+    try:
+        sizes = [int(x) for x in opts.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes expects comma-separated integers, got {opts.sizes!r}") from None
+    if not sizes or any(x < 8 for x in sizes):
         raise ConfigError("--sizes needs sides of at least 8 px")
+    paths = [p.strip() for p in opts.paths.split(",") if p.strip()]
     bad = [p for p in paths if p not in ("pil", "cache")]
     if bad or not paths:
-        raise ConfigError(f"--paths: choose from pil, cache (got {list(paths)})")
-    dev = resolve_bench_device(device)
-    cpus = os.cpu_count() or 1
-    nw = max(0, cpus - 1) if num_workers is None else num_workers
-    nt = cpus if threads is None else max(1, threads)
+        raise ConfigError(f"--paths: choose from pil, cache (got {paths})")
+    dev = train_device(cfg)
+    tc = cfg.train
+    n_images, image_size, batch_size, nw = opts.images, opts.image_size, tc.batch_size, tc.num_workers
+    crop_scale_min, erasing_p, work_dir = tc.crop_scale_min, tc.erasing_p, opts.work_dir
+    nt = (os.cpu_count() or 1) if opts.threads is None else max(1, opts.threads)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mpafer-bench-data-") as tmp:
         base = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -212,7 +205,7 @@ def run_data_bench(
         for size, root, items, generate_s in sets:
             row: dict[str, Any] = {"source_size": size, "generate_s": round(generate_s, 3)}
             if "pil" in paths:
-                row.update(_pil_pass(items, root, image_size, batch_size, nw, crop_scale_min, erasing_p, dev))
+                row.update(_pil_pass(items, root, image_size, tc, dev))
             if "cache" in paths:
                 row.update(_cache_pass(items, image_size, batch_size, nt, crop_scale_min, erasing_p, dev))
             results.append(row)

@@ -1,20 +1,20 @@
 """``mpafer bench epoch``: whole training epochs end to end, data loading included, and the protocol estimate.
 
 A RAF-DB-sized set (default 12,271 JPEGs of 100×100, RAF-DB's aligned training set) is generated once,
-fed through the training loop's own data path (:func:`mpafer.train.loop.make_train_batches`: the uint8
-cache + device augmentation with ``image_cache`` on — the default on CUDA — or the PIL DataLoader) into the
-loop's own step (:func:`mpafer.train.loop.make_step_fn`, compiled on CUDA by default) and an SGD update.
+fed through the training loop's own data path (:func:`mpafer.train.batches.train_batches`: the uint8
+cache + device augmentation with ``train.image_cache`` on — the default on CUDA — or the PIL DataLoader)
+into the loop's own step (:func:`mpafer.train.loop.make_step_fn`, compiled on CUDA by default) and an SGD
+update, with the settings of the config (``--config``/``--set``).
 
 Reported: ``setup_s`` (building the data path: the one-off decode into the cache), ``warmup_s`` (the first
 ``warmup`` steps: compilation), the wall time of each timed epoch and its images/s, and
-``estimate_protocol_min``: ``setup_s + warmup_s + protocol_epochs × epoch_s`` — with ``--batch-size 32``
-and 120 epochs, the paper's protocol (docs/METHOD.md §5) on RAF-DB. Evaluation is not included (RAF-DB has no
-validation split by default; the final test pass of 3,068 images is a second or less).
+``estimate_protocol_min``: ``setup_s + warmup_s + train.epochs × epoch_s`` — with ``train.batch_size`` 32
+and 120 epochs (the config's defaults), the paper's protocol (docs/METHOD.md §5) on RAF-DB. Evaluation is not included (RAF-DB
+has no validation split by default; the final test pass of 3,068 images is a second or less).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -23,82 +23,51 @@ from typing import Any
 
 import torch
 
-from mpafer.bench.common import (
-    ModelSpec,
-    base_record,
-    build_bench_model,
-    compile_failure,
-    resolve_bench_device,
-    sync,
-    write_profile,
-)
+from mpafer.bench.common import base_record, build_bench_model, compile_failure, sync, write_profile
 from mpafer.bench.data import ItemList, make_jpeg_set
-from mpafer.config import build_config
+from mpafer.bench.options import EpochBench
+from mpafer.config import Config
 from mpafer.errors import ConfigError
-from mpafer.runtime import auto_on_cuda, compile_step, resolve_amp
+from mpafer.runtime import auto_on_cuda, compile_step, resolve_amp, train_device
 
 __all__ = ["run_epoch_bench"]
 
 
-def run_epoch_bench(
-    spec: ModelSpec,
-    *,
-    n_images: int = 12271,
-    source_size: int = 100,
-    batch_size: int = 32,
-    epochs: int = 1,
-    warmup: int = 3,
-    device: str = "auto",
-    amp: str = "auto",
-    compile: bool | None = None,
-    compile_mode: str = "default",
-    image_cache: str = "auto",
-    num_workers: int | None = None,
-    augment: bool = True,
-    protocol_epochs: int = 120,
-    step_steps: int = 20,
-    work_dir: str | os.PathLike[str] | None = None,
-    profile_out: str | None = None,
-    profile_steps: int = 5,
-) -> dict[str, Any]:
-    """Time ``epochs`` full training epochs (after ``warmup`` steps) on ``n_images`` generated JPEGs.
+def run_epoch_bench(cfg: Config, opts: EpochBench = EpochBench(), *, profile_steps: int = 5) -> dict[str, Any]:
+    """Time ``opts.epochs`` full training epochs (after ``opts.warmup`` steps) on ``opts.images`` JPEGs.
 
-    ``image_cache``: ``auto`` (on for CUDA), ``on`` or ``off``; ``num_workers`` (DataLoader path) defaults
-    to one fewer than the CPUs. Epochs are the loop's: a seeded permutation, full batches only. At least
-    one warm-up step runs. Afterwards ``step_steps`` steps on one fixed batch (no data loading) give
-    ``step_images_per_s``, the same process's step alone, for comparison with the epoch.
+    The run's settings are ``cfg``'s: ``train.batch_size``, the data path (``train.image_cache``, with
+    ``train.num_workers`` DataLoader workers), ``train.augment``, device, autocast and compilation; the
+    protocol estimate is for ``train.epochs`` epochs. Epochs are the loop's: a seeded permutation, full
+    batches only. At least one warm-up step runs. Afterwards ``opts.step_steps`` steps on one fixed batch
+    (no data loading) give ``step_images_per_s``, the same process's step alone, for comparison.
     """
     from mpafer.train.batches import train_batches
     from mpafer.train.loop import make_step_fn
 
-    if n_images < batch_size or batch_size < 1:
-        raise ConfigError(f"--images ({n_images}) must hold at least one --batch-size ({batch_size}) batch")
+    n_images, source_size, epochs, warmup = opts.images, opts.source_size, opts.epochs, opts.warmup
+    step_steps, work_dir, profile_out = opts.step_steps, opts.work_dir, opts.profile_out
+    tc = cfg.train
+    batch_size, protocol_epochs, compile_mode = tc.batch_size, tc.epochs, tc.compile_mode
+    if n_images < batch_size:
+        raise ConfigError(f"--images ({n_images}) must hold at least one batch (train.batch_size={batch_size})")
     if epochs < 1 or warmup < 0 or protocol_epochs < 1 or step_steps < 0:
-        raise ConfigError("--epochs and --protocol-epochs must be at least 1, --warmup and --step-steps at least 0")
-    if image_cache not in ("auto", "on", "off"):
-        raise ConfigError(f"--image-cache: invalid value {image_cache!r}; allowed: auto, on, off")
-    dev = resolve_bench_device(device)
-    precision = resolve_amp(amp, dev, "--amp")
-    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
-    nw = max(0, (os.cpu_count() or 1) - 1) if num_workers is None else num_workers
-    cfg = build_config({
-        "clip": {"model": spec.model, "pretrained": spec.pretrained, "precision": spec.precision,
-                 "device": dev.type},
-        "train": {"batch_size": batch_size, "num_workers": nw, "augment": augment, "image_cache": image_cache,
-                  "device": dev.type, "epochs": max(1, protocol_epochs), "warmup_epochs": 0},
-    })
-    use_cache = auto_on_cuda(cfg.train.image_cache, dev)
+        raise ConfigError("--epochs and train.epochs must be at least 1, --warmup and --step-steps at least 0")
+    dev = train_device(cfg)
+    precision = resolve_amp(tc.amp, dev)
+    use_compile = auto_on_cuda(tc.compile, dev)
+    use_cache = auto_on_cuda(tc.image_cache, dev)
 
     with tempfile.TemporaryDirectory(prefix="mpafer-bench-epoch-") as tmp:
         base = Path(work_dir) if work_dir is not None else Path(tmp)
         root = base / f"jpeg{source_size}-{n_images}"
         t0 = time.perf_counter()
-        items = make_jpeg_set(root, n_images, source_size, n_classes=spec.classes)
+        items = make_jpeg_set(root, n_images, source_size, n_classes=opts.classes)
         generate_s = time.perf_counter() - t0
 
-        backbone, model = build_bench_model(spec, dev)
+        backbone, model = build_bench_model(cfg, opts.classes, opts.attention, dev)
         model.train()
-        params = [p for _, p in model.trainable_named_parameters()]  # type: ignore[operator]
+        params = [p for _, p in model.trainable_named_parameters()]
         optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4)
         eager = make_step_fn(model, dev, precision)
         fn = compile_step(eager, compile_mode) if use_compile else eager
@@ -112,7 +81,7 @@ def run_epoch_bench(
             optimizer.step()
             return losses["total"].detach()
 
-        classes = [f"c{k}" for k in range(spec.classes)]
+        classes = [f"c{k}" for k in range(opts.classes)]
         t0 = time.perf_counter()
         data = train_batches(ItemList(root, classes, items), backbone, cfg, dev, use_cache)
         sync(dev)
@@ -173,14 +142,14 @@ def run_epoch_bench(
                 step(images, labels)
 
             profile = write_profile(one, dev, min(profile_steps, steps_per_epoch), profile_out,
-                                    f"epoch steps {spec.model} batch {batch_size} "
+                                    f"epoch steps {cfg.clip.model} batch {batch_size} "
                                     f"{'cache' if use_cache else 'loader'} "
                                     f"{'compiled' if use_compile else 'eager'}")
             del it
 
     epoch_s = statistics.median(epoch_times)
     estimate_s = setup_s + warmup_s + protocol_epochs * epoch_s
-    rec = base_record("epoch", dev, spec)
+    rec = base_record("epoch", dev, cfg, classes=opts.classes, attention=opts.attention)
     rec.update({
         "n_images": n_images,
         "source_size": source_size,
@@ -190,8 +159,8 @@ def run_epoch_bench(
         "images_per_epoch": n_per_epoch,
         "epochs_timed": epochs,
         "data_path": "cache" if use_cache else "loader",
-        "num_workers": None if use_cache else nw,
-        "augment": augment,
+        "num_workers": None if use_cache else tc.num_workers,
+        "augment": tc.augment,
         "amp": precision,
         "compiled": use_compile,
         "compile_mode": compile_mode if use_compile else None,

@@ -1,9 +1,11 @@
 """``mpafer bench train-step`` and ``mpafer bench eval``: the model alone, on a fixed device batch.
 
 The training step is exactly the loop's (:func:`mpafer.train.loop.make_step_fn`: forward under autocast +
-all losses, compiled as one function when compile is on) followed by the backward pass and an SGD step
-on the prompts. The evaluation is :func:`mpafer.train.loop.run_inference`: class text features computed
-once, then the prompted image forward under ``no_grad``.
+all losses, compiled as one function when ``train.compile`` says so) followed by the backward pass and an
+SGD step on the prompts, at ``train.batch_size``. The evaluation is
+:func:`mpafer.train.inference.run_inference` at ``train.eval_batch_size``: class text features computed
+once, then the prompted image forward under ``no_grad``. Device, autocast and compilation are the config's
+(:mod:`mpafer.runtime`), as for a training run.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ from typing import Any
 import torch
 
 from mpafer.bench.common import (
-    ModelSpec,
     base_record,
     build_bench_model,
     compile_failure,
     count_flops,
     measure_matmul_tflops,
     peak_tflops,
-    resolve_bench_device,
     sync,
     write_profile,
 )
+from mpafer.bench.options import EvalBench, StepBench
+from mpafer.config import Config
 from mpafer.errors import ConfigError
-from mpafer.runtime import auto_on_cuda, autocast, compile_step, resolve_amp
+from mpafer.runtime import auto_on_cuda, autocast, compile_step, resolve_amp, train_device
 
 __all__ = ["run_eval", "run_train_step"]
 
@@ -49,49 +51,35 @@ def _memory_fields(device: torch.device) -> dict[str, Any]:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
 
 
-def _check_counts(batch_size: int, steps: int, warmup: int) -> None:
-    if batch_size < 1 or steps < 1 or warmup < 0:
-        raise ConfigError("--batch-size and --steps must be at least 1, --warmup at least 0")
+def _check_counts(steps: int, warmup: int) -> None:
+    if steps < 1 or warmup < 0:
+        raise ConfigError("--steps must be at least 1, --warmup at least 0")
 
 
-def run_train_step(
-    spec: ModelSpec,
-    *,
-    batch_size: int = 256,
-    steps: int = 20,
-    warmup: int = 3,
-    device: str = "auto",
-    amp: str = "auto",
-    compile: bool | None = None,
-    compile_mode: str = "default",
-    peak: float | None = None,
-    count: bool = True,
-    measure_peak: bool = True,
-    profile_out: str | None = None,
-    profile_steps: int = 3,
-) -> dict[str, Any]:
+def run_train_step(cfg: Config, opts: StepBench = StepBench(), *, measure_peak: bool = True,
+                   profile_steps: int = 3) -> dict[str, Any]:
     """Images/s of one MPA-FER optimisation step on a fixed device batch, and its FLOP utilisation.
 
-    ``compile`` ``None`` = on for CUDA. FLOPs per image are counted by ``FlopCounterMode`` on one eager
-    step (forward + losses + backward; the optimizer update is negligible) at ``batch_size``. Utilisation
-    ``mfu`` is achieved TFLOP/s over ``peak`` (``--peak-tflops``, else the H100/H200 datasheet's dense
-    bf16 989); ``mfu_vs_reference`` uses docs/DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own
-    large-matmul measurement.
+    FLOPs per image are counted by ``FlopCounterMode`` on one eager step (forward + losses + backward; the
+    optimizer update is negligible). Utilisation ``mfu`` is achieved TFLOP/s over the peak
+    (``opts.peak_tflops``, else the H100/H200 datasheet's dense bf16 989); ``mfu_vs_reference`` uses
+    docs/DESIGN.md's measured ~790 and ``mfu_vs_matmul`` this run's own large-matmul measurement.
     """
     from mpafer.train.loop import make_step_fn
 
-    _check_counts(batch_size, steps, warmup)
-    dev = resolve_bench_device(device)
-    precision = resolve_amp(amp, dev, "--amp")
-    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
+    _check_counts(opts.steps, opts.warmup)
+    steps, warmup, batch_size, compile_mode = opts.steps, opts.warmup, cfg.train.batch_size, cfg.train.compile_mode
+    dev = train_device(cfg)
+    precision = resolve_amp(cfg.train.amp, dev)
+    use_compile = auto_on_cuda(cfg.train.compile, dev)
     t_build = time.perf_counter()
-    backbone, model = build_bench_model(spec, dev)
+    backbone, model = build_bench_model(cfg, opts.classes, opts.attention, dev)
     build_s = time.perf_counter() - t_build
     model.train()
-    params = [p for _, p in model.trainable_named_parameters()]  # type: ignore[operator]
+    params = [p for _, p in model.trainable_named_parameters()]
     if not params:
-        raise ConfigError(f"model.variant={spec.variant} has nothing to train")
-    images, labels = _random_batch(backbone, batch_size, spec.classes, dev)
+        raise ConfigError(f"model.variant={cfg.model.variant} has nothing to train")
+    images, labels = _random_batch(backbone, batch_size, opts.classes, dev)
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=5e-4)
     eager = make_step_fn(model, dev, precision)
     fn = compile_step(eager, compile_mode) if use_compile else eager
@@ -104,7 +92,7 @@ def run_train_step(
         return losses["total"].detach()
 
     flops = None
-    if count:
+    if opts.count_flops:
         def counted() -> None:
             optimizer.zero_grad(set_to_none=True)
             _, losses = eager(images, labels)
@@ -141,10 +129,10 @@ def run_train_step(
     loss_value = float(last.item()) if last is not None else None
 
     ips = batch_size * steps / elapsed
-    used_peak, peak_source, reference = peak_tflops(dev, peak)
+    used_peak, peak_source, reference = peak_tflops(dev, opts.peak_tflops)
     matmul = measure_matmul_tflops(dev) if measure_peak and dev.type == "cuda" else None
     achieved = flops * steps / elapsed / 1e12 if flops else None
-    rec = base_record("train-step", dev, spec)
+    rec = base_record("train-step", dev, cfg, classes=opts.classes, attention=opts.attention)
     rec.update({
         "batch_size": batch_size,
         "steps": steps,
@@ -171,41 +159,30 @@ def run_train_step(
         "loss": loss_value,
     })
     rec.update(_memory_fields(dev))
-    if profile_out:
-        rec["profile"] = write_profile(lambda: step(fn), dev, profile_steps, profile_out,
-                                       f"train-step {spec.model} batch {batch_size} "
+    if opts.profile_out:
+        rec["profile"] = write_profile(lambda: step(fn), dev, profile_steps, opts.profile_out,
+                                       f"train-step {cfg.clip.model} batch {batch_size} "
                                        f"{'compiled ' + compile_mode if use_compile else 'eager'} "
                                        f"{precision}")
     return rec
 
 
-def run_eval(
-    spec: ModelSpec,
-    *,
-    batch_size: int = 256,
-    steps: int = 20,
-    warmup: int = 3,
-    device: str = "auto",
-    amp: str = "auto",
-    compile: bool | None = None,
-    compile_mode: str = "default",
-    profile_out: str | None = None,
-    profile_steps: int = 3,
-) -> dict[str, Any]:
+def run_eval(cfg: Config, opts: EvalBench = EvalBench(), *, profile_steps: int = 3) -> dict[str, Any]:
     """Images/s of the evaluation forward (prompted image encoder + scores; text features once per run).
 
-    Runs :func:`mpafer.train.loop.run_inference` over ``steps`` device batches (no data loading), after
-    ``warmup`` batches (compile). ``text_features_ms`` is the one-off soft-prompt text encoding.
+    Runs :func:`mpafer.train.inference.run_inference` over ``opts.steps`` device batches (no data loading),
+    after ``opts.warmup`` batches (compile). ``text_features_ms`` is the one-off soft-prompt text encoding.
     """
     from mpafer.train.inference import run_inference
 
-    _check_counts(batch_size, steps, warmup)
-    dev = resolve_bench_device(device)
-    precision = resolve_amp(amp, dev, "--amp")
-    use_compile = auto_on_cuda({None: "auto", True: "on", False: "off"}[compile], dev)
-    backbone, model = build_bench_model(spec, dev)
+    _check_counts(opts.steps, opts.warmup)
+    steps, warmup, batch_size, compile_mode = opts.steps, opts.warmup, cfg.train.eval_batch_size, cfg.train.compile_mode
+    dev = train_device(cfg)
+    precision = resolve_amp(cfg.train.amp, dev)
+    use_compile = auto_on_cuda(cfg.train.compile, dev)
+    backbone, model = build_bench_model(cfg, opts.classes, opts.attention, dev)
     model.eval()
-    images, labels = _random_batch(backbone, batch_size, spec.classes, dev)
+    images, labels = _random_batch(backbone, batch_size, opts.classes, dev)
     if use_compile:
         forward = compile_step(model, compile_mode)
     else:
@@ -232,7 +209,7 @@ def run_eval(
     with torch.no_grad(), autocast(dev, precision):
         sync(dev)
         t0 = time.perf_counter()
-        model.class_text_features()  # type: ignore[operator]
+        model.class_text_features()
         sync(dev)
         text_ms = 1000 * (time.perf_counter() - t0)
 
@@ -240,7 +217,7 @@ def run_eval(
         torch.cuda.reset_peak_memory_stats(dev)
     logits, _, preds, seconds = run_inference(model, batches(steps), dev, precision, forward)
     n = batch_size * steps
-    rec = base_record("eval", dev, spec)
+    rec = base_record("eval", dev, cfg, classes=opts.classes, attention=opts.attention)
     rec.update({
         "batch_size": batch_size,
         "steps": steps,
@@ -257,12 +234,12 @@ def run_eval(
         "finite": bool(torch.isfinite(logits).all()),
     })
     rec.update(_memory_fields(dev))
-    if profile_out:
+    if opts.profile_out:
         def one() -> None:
             run_inference(model, batches(1), dev, precision, forward)
 
-        rec["profile"] = write_profile(one, dev, profile_steps, profile_out,
-                                       f"eval {spec.model} batch {batch_size} "
+        rec["profile"] = write_profile(one, dev, profile_steps, opts.profile_out,
+                                       f"eval {cfg.clip.model} batch {batch_size} "
                                        f"{'compiled' if use_compile else 'eager'} {precision}")
     del preds
     return rec

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
+from mpafer.bench.options import ManifestBench
 from mpafer.cli.app import app, bench_app
 from mpafer.cli.common import config_from_options, console, emit, out
+from mpafer.config import DatasetName
 
-DATASETS = ("rafdb", "ferplus", "affectnet7", "affectnet8", "fer2013", "folder", "csv")
+DATASETS = get_args(DatasetName)
 
 
 @app.command()
@@ -107,19 +109,20 @@ def _print_result(result: object) -> None:
 def bench_manifest(
     n: Annotated[
         int, typer.Option("--n", help="Images in the generated AffectNet layout-A tree (>= 16).")
-    ] = 100_000,
-    workers: Annotated[int, typer.Option("--workers", help="Hashing processes (0 = one per CPU).")] = 0,
+    ] = ManifestBench.n,
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the tree (reused when complete) and manifests go.")
-    ] = Path("mpafer_work/bench/manifest"),
+    ] = Path(ManifestBench.directory),
+    config: Annotated[Path | None, typer.Option("--config", help="Config YAML (data.hash_workers).")] = None,
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config field, e.g. --set data.hash_workers=4 (0 = one per CPU).")] = None,
 ) -> None:
     """Manifest building throughput: a cold build (empty hash cache), then a cached rebuild; one JSON line."""
     from mpafer.data.bench import run_manifest_bench
     from mpafer.errors import ConfigError
 
+    cfg = config_from_options(config, sets)
     if n < 16:
         raise ConfigError(f"--n must be at least 16 (one image per class in each split), got {n}")
-    if workers < 0:
-        raise ConfigError(f"--workers must be 0 (one per CPU) or more, got {workers}")
-    result = run_manifest_bench(n=n, workers=workers, directory=directory)
+    result = run_manifest_bench(n=n, workers=cfg.data.hash_workers, directory=directory)
     typer.echo(json.dumps(result))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import typer
 
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, emit, out
+from mpafer.config import TrainConfig
 from mpafer.errors import ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
@@ -118,8 +120,9 @@ def predict(
 
     from mpafer.train import predict as predict_images
 
-    if device is not None and device not in ("cpu", "cuda", "auto"):
-        raise DataError(f"--device must be cpu, cuda or auto, got {device!r}")
+    devices = get_args(TrainConfig.model_fields["device"].annotation)
+    if device is not None and device not in devices:
+        raise DataError(f"--device must be {' or '.join(devices)}, got {device!r}")
     preds = predict_images(run, images, top_k=top_k, device=device)
     failed = [p for p in preds if not p.ok]
     for p in failed:

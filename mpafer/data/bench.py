@@ -95,10 +95,9 @@ def _peak_rss_mb() -> tuple[float, float]:
     return self_kb / 1024, child_kb / 1024
 
 
-def run_manifest_bench(
-    n: int = 100_000, workers: int = 0, directory: Path = Path("mpafer_work/bench/manifest")
-) -> dict[str, Any]:
-    """Generate (or reuse) the tree, build its manifest cold and cached; return the figures."""
+def run_manifest_bench(n: int, workers: int, directory: Path) -> dict[str, Any]:
+    """Generate (or reuse) the tree of ``n`` images, build its manifest cold and cached with ``workers``
+    hashing processes (0 = one per CPU); return the figures (``mpafer bench manifest``)."""
     from mpafer.data.manifest import CACHE_DIRNAME, build_manifest
 
     directory = Path(directory)
