@@ -66,7 +66,7 @@ fi
 
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 
-# bench LABEL CAP_S NEED_S ARGS... : run `python3 -m mpafer.bench ARGS` under timeout and append its line
+# bench LABEL CAP_S NEED_S ARGS... : run `python3 -m mpafer.cli bench ARGS` under timeout and append its line
 bench() {
     local label="$1" cap="$2" need="$3"
     shift 3
@@ -77,10 +77,10 @@ bench() {
         return 0
     fi
     local limit=$(( cap < left ? cap : left ))
-    log "=== $label (timeout ${limit}s): python3 -m mpafer.bench $*"
+    log "=== $label (timeout ${limit}s): python3 -m mpafer.cli bench $*"
     local start
     start=$(date +%s)
-    timeout -k 10 "$limit" python3 -m mpafer.bench "$@" 2>&1 | tee -a "$LOG" | grep '^{"bench"' > "$TMPD/line.json"
+    timeout -k 10 "$limit" python3 -m mpafer.cli bench "$@" 2>&1 | tee -a "$LOG" | grep '^{"bench"' > "$TMPD/line.json"
     local rcs=("${PIPESTATUS[@]}")
     local wall=$(( $(date +%s) - start ))
     python3 - "$label" "${rcs[0]}" "$wall" "$TMPD/line.json" >> "$JSONL" <<'PY'

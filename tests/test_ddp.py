@@ -21,9 +21,10 @@ import torch
 from test_train_fixtures import TrainInputs, shared_inputs
 
 from mpafer.cli import main
+from mpafer.cli.launch import launch_command
 from mpafer.config import load_config
 from mpafer.errors import ConfigError
-from mpafer.train.distributed import launch_command, shard_bounds
+from mpafer.train.distributed import shard_bounds
 from mpafer.train.predict import load_prompts
 
 TIMING_FIELDS = {"epoch_time_s", "images_per_s"}
@@ -90,7 +91,7 @@ def test_launch_command_reinvokes_the_cli_module() -> None:
     cmd = launch_command(4, ["train", "--run-dir", "r"], python="python3")
     assert cmd[:3] == ["python3", "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "4"
-    assert cmd[cmd.index("-m", 3) + 1] == "mpafer.train.distributed" and cmd[-3:] == ["train", "--run-dir", "r"]
+    assert cmd[cmd.index("-m", 3) + 1] == "mpafer.cli" and cmd[-3:] == ["train", "--run-dir", "r"]
 
 
 def test_devices_without_launcher_and_uneven_shards_fail_clearly(tmp_path: Path) -> None:

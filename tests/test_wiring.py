@@ -382,3 +382,21 @@ def test_a_flipped_bit_inside_a_stored_value_is_caught(tmp_path: Path) -> None:
     assert silently[1] != values[1] and silently[0] == values[0], "without checksums the damage goes unseen"
     with pytest.raises(ArtifactError, match="damaged"):
         read_parquet_checked(path, ("x",))
+
+
+# ------------------------------------------------------------------------------------------ layering
+def test_the_library_never_imports_the_command_line() -> None:
+    """No module under ``mpafer/`` outside ``mpafer/cli/`` imports ``mpafer.cli`` (entry points live in
+    ``cli/``), and ``flows/`` neither: the command line sits on top of both."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "mpafer").rglob("*.py")) + sorted((REPO_ROOT / "flows").rglob("*.py")):
+        if (REPO_ROOT / "mpafer" / "cli") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "mpafer.cli" or n.startswith("mpafer.cli.") for n in names):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert offenders == []

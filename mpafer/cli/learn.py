@@ -40,10 +40,11 @@ def train(
     """Train the prompts (resumable); with train.seeds set, one run per seed plus test evaluation and mean ± std."""
     import os
 
+    from mpafer.cli.launch import launch_torchrun
     from mpafer.runtime import train_device
     from mpafer.train import train as train_run
     from mpafer.train import train_seeds
-    from mpafer.train.distributed import env_world_size, launch_torchrun
+    from mpafer.train.distributed import env_world_size
 
     cfg = config_from_options(config, sets)
     _require_file(manifest, "manifest")

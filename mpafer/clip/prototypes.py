@@ -120,15 +120,14 @@ def iter_image_features(
 
     Batches may be preprocessed floats or uint8 crops (finished by :func:`normalize_on_device`).
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from mpafer.cli.common import console
 
     precision = resolve_amp(amp, backbone.device)
     backbone.model.eval()
     total = len(loader.dataset)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=total)
         for images, labels in loader:
             images = normalize_on_device(images, backbone)

@@ -1,11 +1,9 @@
-"""Data-parallel training helpers: process groups, batch sharding, gradient all-reduce, the torchrun launcher.
+"""Data-parallel training helpers: process groups, batch sharding, gradient all-reduce.
 
-``mpafer train --devices N`` (or ``train.devices: N``) re-invokes the same ``train`` command under
-``torchrun --standalone --nproc_per_node N``; each process finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in
-its environment and :func:`distributed_context` joins the process group (``nccl`` on CUDA, ``gloo`` on
-the CPU). Multi-node runs are launched by hand with ``torchrun --nnodes ... --rdzv-endpoint ...
--m mpafer.train.distributed train ...`` (docs/PERFORMANCE.md); the world size then comes from the
-environment alone.
+The processes are started by torchrun (``mpafer train --devices N`` re-invokes itself that way, see
+``mpafer/cli/launch.py``; multi-node runs are launched by hand, docs/PERFORMANCE.md); each process finds
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in its environment and :func:`distributed_context` joins the process
+group (``nccl`` on CUDA, ``gloo`` on the CPU).
 
 How the processes stay equivalent to one process with the same (global) ``train.batch_size``:
 
@@ -25,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,13 +41,8 @@ __all__ = [
     "check_shards",
     "distributed_context",
     "env_world_size",
-    "launch_command",
-    "launch_torchrun",
     "shard_bounds",
 ]
-
-#: Environment variable set in the processes started by :func:`launch_torchrun` (guards re-launching).
-CHILD_ENV = "MPAFER_DDP_CHILD"
 
 
 @dataclass(frozen=True)
@@ -187,52 +178,3 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     box = [obj if ctx.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-# ------------------------------------------------------------------------------------------ launcher
-def launch_command(nproc: int, argv: Sequence[str], *, python: str | None = None) -> list[str]:
-    """The ``torchrun`` command that runs ``mpafer <argv>`` in ``nproc`` processes on this node."""
-    if nproc < 1:
-        raise ConfigError(f"--devices must be at least 1, got {nproc}")
-    return [
-        python or sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "mpafer.train.distributed",
-        *argv,
-    ]
-
-
-def launch_torchrun(nproc: int, argv: Sequence[str], device_type: str) -> int:
-    """Run ``mpafer <argv>`` in ``nproc`` torchrun processes; return the launcher's exit code.
-
-    Raises:
-        ConfigError: more CUDA processes than GPUs, or a launch from inside a launched process.
-    """
-    if os.environ.get(CHILD_ENV) or env_world_size() > 1:
-        raise ConfigError("already running under torchrun: do not pass --devices to the launched command")
-    if device_type == "cuda":
-        n_gpus = torch.cuda.device_count()
-        if nproc > n_gpus:
-            raise ConfigError(f"--devices {nproc} asks for more GPUs than this node has ({n_gpus})")
-    env = dict(os.environ)
-    env[CHILD_ENV] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(launch_command(nproc, argv), env=env)
-
-
-def _main(argv: Sequence[str]) -> int:
-    """Entry point of the launched processes: the ``mpafer`` command line."""
-    from mpafer.cli import main
-
-    return main(list(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through torchrun in tests/test_ddp.py
-    sys.exit(_main(sys.argv[1:]))
