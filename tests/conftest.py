@@ -1,4 +1,8 @@
-"""Shared test settings: quiet, single-threaded torch, isolated Prefect home, no network."""
+"""Shared test settings: quiet, single-threaded torch, isolated Prefect home, no network.
+
+Helpers shared by several test modules are ``<area>_fixtures.py`` modules next to the tests (datasets,
+model, train, clip, flows, llm, reliability): imported by the tests, never collected, holding no tests.
+"""
 
 from __future__ import annotations
 

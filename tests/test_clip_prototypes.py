@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from clip_fixtures import CLASSES, TINY, TINY_DESCRIPTIONS, build_tiny_manifest, write_descriptions
 from PIL import Image
-from test_clip_support import CLASSES, TINY, TINY_DESCRIPTIONS, build_tiny_manifest, write_descriptions
 
 from mpafer.artifacts import parquet_metadata
 from mpafer.clip.backbone import Backbone, load_backbone

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_clip_support import CLASSES, TINY, TINY_DESCRIPTIONS, write_descriptions
+from clip_fixtures import CLASSES, TINY, TINY_DESCRIPTIONS, write_descriptions
 
 from mpafer.artifacts import parquet_metadata, sha256_file
 from mpafer.clip.backbone import Backbone, load_backbone

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_fixtures import TrainInputs, shared_inputs
+from train_fixtures import TrainInputs, shared_inputs
 
 from mpafer.cli import main
 from mpafer.cli.launch import launch_command

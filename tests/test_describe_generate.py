@@ -1,6 +1,6 @@
 """LLM description generation against a real OpenAI-compatible HTTP server on 127.0.0.1.
 
-The real ``openai`` client talks to ``tests/fake_llm_server.py``; these tests prove the response cache
+The real ``openai`` client talks to ``tests/llm_fixtures.py``; these tests prove the response cache
 (reruns send nothing, another model re-asks once per class and question, a partial failure is resumed),
 the json_schema fallback, re-asks, truncation flags and that the API key is never written anywhere.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_llm_server import FakeLLMServer  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
 
 from mpafer.config import LLMConfig  # noqa: E402
 from mpafer.describe import CLASS_SETS, get_descriptions, load_descriptions  # noqa: E402

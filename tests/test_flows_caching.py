@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import PrefectServer, task_states, tiny_config  # noqa: E402
-from fake_llm_server import FakeLLMServer  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import PrefectServer, task_states, tiny_config  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
 
 from mpafer.config import Config  # noqa: E402
 from mpafer.pipeline import STAGES  # noqa: E402
 
-pytest_plugins = ["conftest_flows"]
+pytest_plugins = ["flows_fixtures"]
 
 def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
     from flows.pipeline import mpa_fer_pipeline
@@ -124,7 +124,7 @@ def test_stage_flow_runs_up_to_its_stage(prefect_server: PrefectServer, tmp_path
 
 
 def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    from conftest_flows import TINY_OVERRIDES
+    from flows_fixtures import TINY_OVERRIDES
 
     from mpafer.cli import main
 

@@ -1,6 +1,6 @@
 """End to end with real parts: a Prefect server, ``mpafer serve`` and ``prefect deployment run --watch``.
 
-The session's ``prefect server start`` subprocess (tests/conftest_flows.py) holds the deployments that
+The session's ``prefect server start`` subprocess (tests/flows_fixtures.py) holds the deployments that
 ``mpafer serve`` registers from a second subprocess; ``prefect deployment run 'mpa-fer-pipeline/demo'``
 (a third) creates the runs with the tiny config as parameters and watches them to completion. The second
 run must find every task cached; invalid parameters must be rejected when the run is created.
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import PrefectServer, stop_process, tail, task_states, tiny_config  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import PrefectServer, stop_process, tail, task_states, tiny_config  # noqa: E402
 
-pytest_plugins = ["conftest_flows"]
+pytest_plugins = ["flows_fixtures"]
 
 DEPLOYMENT = "mpa-fer-pipeline/demo"
 REGISTER_TIMEOUT_S = 120.0

@@ -13,14 +13,14 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import PrefectServer  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import PrefectServer  # noqa: E402
 
 from mpafer.config import Config, load_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["conftest_flows"]
+pytest_plugins = ["flows_fixtures"]
 
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
 

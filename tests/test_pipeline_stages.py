@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import tiny_config  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import tiny_config  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.artifacts import atomic_write_json, atomic_write_text, write_parquet  # noqa: E402

@@ -289,7 +289,7 @@ def test_fer2013_rows(
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A real manifest, text features, prototypes, prompts file and checkpoint of the tiny test model."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train_fixtures import CLASSES, base_config, run_train, shared_inputs
+    from train_fixtures import CLASSES, base_config, run_train, shared_inputs
 
     inputs = shared_inputs()
     run_dir = tmp_path_factory.mktemp("prop-run") / "run"

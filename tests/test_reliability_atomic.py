@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import tiny_config  # noqa: E402
-from fake_llm_server import FakeLLMServer  # noqa: E402
-from test_reliability_helpers import (  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import tiny_config  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
+from reliability_fixtures import (  # noqa: E402
     Fault,
     InjectedCrash,
     StageSpy,

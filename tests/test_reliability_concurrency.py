@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import tiny_config  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import tiny_config  # noqa: E402
 
 from mpafer.pipeline import STAGES  # noqa: E402
 

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import PrefectServer, task_states, tiny_config  # noqa: E402
-from test_reliability_helpers import Fault, inject, leftovers  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import PrefectServer, task_states, tiny_config  # noqa: E402
+from reliability_fixtures import Fault, inject, leftovers  # noqa: E402
 
 from mpafer.pipeline import STAGES  # noqa: E402
 
-pytest_plugins = ["conftest_flows"]
+pytest_plugins = ["flows_fixtures"]
 
 
 def run_flow(cfg: Any) -> tuple[dict[str, Any], dict[str, str]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_fixtures import TrainInputs, base_config, run_train, shared_inputs
+from train_fixtures import TrainInputs, base_config, run_train, shared_inputs
 
 from mpafer.config import Config
 from mpafer.train.checkpoint import CheckpointWarning, list_checkpoints

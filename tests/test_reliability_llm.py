@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import tiny_config  # noqa: E402
-from fake_llm_server import FakeLLMServer, _make_handler  # noqa: E402
-from test_reliability_helpers import files_under, leftovers  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import tiny_config  # noqa: E402
+from llm_fixtures import FakeLLMServer, _make_handler  # noqa: E402
+from reliability_fixtures import files_under, leftovers  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.config import Config  # noqa: E402

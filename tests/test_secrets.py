@@ -32,15 +32,15 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import PrefectServer, _drain_prefect_workers, tiny_config  # noqa: E402
-from fake_llm_server import FakeLLMServer  # noqa: E402
-from test_reliability_helpers import files_under, grep_files  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import PrefectServer, _drain_prefect_workers, tiny_config  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
+from reliability_fixtures import files_under, grep_files  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.errors import LLMError  # noqa: E402
 
-pytest_plugins = ["conftest_flows"]
+pytest_plugins = ["flows_fixtures"]
 
 MODEL = "fake-secret-model"
 

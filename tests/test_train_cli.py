@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_fixtures import base_config, shared_inputs
+from train_fixtures import base_config, shared_inputs
 
 from mpafer.cli import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_fixtures import base_config, run_train, shared_inputs
+from train_fixtures import base_config, run_train, shared_inputs
 
 from mpafer.errors import ArtifactError, ConfigError
 from mpafer.train.checkpoint import CheckpointWarning, list_checkpoints

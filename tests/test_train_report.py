@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_fixtures import CLASSES, base_config, run_train, shared_inputs
+from train_fixtures import CLASSES, base_config, run_train, shared_inputs
 
 from mpafer.train import evaluate, train_seeds
 from mpafer.train.metrics import classification_metrics

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-pytest.register_assert_rewrite("conftest_flows")
-from conftest_flows import TINY_OVERRIDES  # noqa: E402
-from test_train_fixtures import base_config, run_train, shared_inputs  # noqa: E402
+pytest.register_assert_rewrite("flows_fixtures")
+from flows_fixtures import TINY_OVERRIDES  # noqa: E402
+from train_fixtures import base_config, run_train, shared_inputs  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.artifacts import read_parquet_checked, write_parquet  # noqa: E402

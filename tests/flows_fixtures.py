@@ -1,6 +1,6 @@
 """Pytest plugin: ONE real Prefect server for the whole session, and the tiny pipeline config.
 
-Load it from a test module with ``pytest_plugins = ["conftest_flows"]``. The server is
+Load it from a test module with ``pytest_plugins = ["flows_fixtures"]``. The server is
 ``prefect server start`` in a subprocess with its own temporary ``PREFECT_HOME`` (SQLite), analytics and
 UI off; the test process talks to it through ``temporary_settings(PREFECT_API_URL=...)``, and child
 processes (``mpafer serve``, ``prefect deployment run``) get :attr:`PrefectServer.env`.
