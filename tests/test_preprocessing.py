@@ -163,18 +163,12 @@ def test_prototypes_key_names_non_default_resizing_only(tmp_path: Path) -> None:
     assert protos.prototypes_key(bb, *args) != protos.prototypes_key(dataclasses.replace(bb, resize_mode="longest"), *args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="mpafer/train/loop.py (another branch owns it) must pass **backbone.resize_settings to "
-    "clip_transforms and to decode_to_uint8_cache; remove this marker when it does",
-)
 @pytest.mark.parametrize("use_cache", [False, True], ids=["pil-loader", "uint8-cache"])
 def test_training_batches_follow_the_backbone_resizing(use_cache: bool, tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from mpafer.config import build_config
-    from mpafer.train.loop import make_train_batches
+    from mpafer.train.batches import train_batches
 
     folder, bb = _local_dir_backbone(tmp_path, interpolation="bilinear", resize_mode="squash")
     img = _image(24, 60, seed=1)
@@ -182,7 +176,7 @@ def test_training_batches_follow_the_backbone_resizing(use_cache: bool, tmp_path
     manifest = SimpleNamespace(root=tmp_path, classes=["happiness", "sadness"],
                                items=lambda split: [(tmp_path / "face.png", 0)] if split == "train" else [])
     cfg = build_config({"train": {"augment": False, "batch_size": 1, "num_workers": 0, "device": "cpu"}})
-    batches = make_train_batches(manifest, bb, cfg, torch.device("cpu"), [0], use_cache)
+    batches = train_batches(manifest, bb, cfg, torch.device("cpu"), use_cache)
     x, _ = next(iter(batches.epoch(0, 0)))
     _, _, open_clip_val = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     assert torch.allclose(x[0], open_clip_val(img), atol=1e-6)

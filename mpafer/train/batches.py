@@ -126,7 +126,7 @@ class CachedBatches:
         self.sampler = EpochBatchSampler(dataset.labels, tc.batch_size, tc.seed, tc.sampler)
         cache, cache_labels = decode_to_uint8_cache(dataset.samples, backbone.image_size,
                                                     num_workers=max(tc.num_workers, os.cpu_count() or 1),
-                                                    boxes=dataset.boxes)
+                                                    boxes=dataset.boxes, **backbone.resize_settings)
         self.images = cache.to(device) if self._fits(cache, device) else cache
         self.labels = cache_labels.to(device)
 
@@ -166,13 +166,14 @@ def train_batches(manifest: ManifestLike, backbone: Backbone, cfg: Config, devic
                   dist: DistContext | None = None) -> TrainBatches:
     """The training batches of ``manifest``'s train split: the uint8 cache + device augmentation path when
     ``use_cache``, else the DataLoader path (the train transform, or the test transform without
-    augmentation)."""
+    augmentation); images are resized the way the backbone was trained (``backbone.resize_settings``)."""
     dist = dist or DistContext()
     if use_cache:
         return CachedBatches(manifest, backbone, cfg.train, device, cfg.data.affectnet_crop, dist)
     from mpafer.data.images import clip_transforms
 
-    train_tf, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, cfg.train)
+    train_tf, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, cfg.train,
+                                        **backbone.resize_settings)
     return LoaderBatches(manifest, train_tf if cfg.train.augment else test_tf, cfg.train, device,
                          cfg.data.affectnet_crop, dist)
 

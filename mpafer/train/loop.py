@@ -141,7 +141,8 @@ class _Trainer:
         self.backbone = load_backbone(cfg.clip.model_copy(update={"device": self.device.type}))
         self.model = MPAFER(self.backbone, inputs.classes, cfg.model, inputs.targets, inputs.prototypes)
         self.model.to(self.device)
-        self.test_tf = clip_transforms(self.backbone.image_size, self.backbone.mean, self.backbone.std)[1]
+        self.test_tf = clip_transforms(self.backbone.image_size, self.backbone.mean, self.backbone.std,
+                                       **self.backbone.resize_settings)[1]
         self.trainable = {n: p for n, p in self.model.trainable_named_parameters()}
         self.params = list(self.trainable.values())
         self.learns = cfg.model.trainable and self.tc.epochs > 0 and bool(self.params)
