@@ -1,4 +1,5 @@
-"""``python -m mpafer``: the same command line as the ``mpafer`` console script."""
+"""``python -m mpafer``: the same command line as the ``mpafer`` console script (an entry point, like
+those in ``mpafer/cli/``; it has to sit at the package's top)."""
 
 import sys
 

@@ -37,7 +37,7 @@ __all__ = [
 
 #: Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), matched against the device name.
 DATASHEET_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0}
-#: What a large bf16 matrix product reaches on these cards here (DESIGN.md, "Performance facts").
+#: What a large bf16 matrix product reaches on these cards here (docs/DESIGN.md, "Performance facts").
 MEASURED_PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0}
 
 
@@ -140,7 +140,7 @@ def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None
     """``(peak used for the utilisation, where it comes from, measured reference)`` in TFLOP/s.
 
     ``given`` (``--peak-tflops``) wins; else the datasheet's dense bf16 peak for an H100/H200 (989), with
-    DESIGN.md's measured ~790 as the reference; else nothing (no utilisation is reported).
+    docs/DESIGN.md's measured ~790 as the reference; else nothing (no utilisation is reported).
     """
     reference = None
     name = device_name(device) if device.type == "cuda" else ""
