@@ -1,5 +1,5 @@
 """``python -m mpafer``: the same command line as the ``mpafer`` console script (an entry point, like
-those in ``mpafer/cli/``; it has to sit at the package's top)."""
+those of the command-line package; it has to sit at the package's top)."""
 
 import sys
 

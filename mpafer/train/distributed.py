@@ -1,9 +1,9 @@
 """Data-parallel training helpers: process groups, batch sharding, gradient all-reduce.
 
-The processes are started by torchrun (``mpafer train --devices N`` re-invokes itself that way, see
-``mpafer/cli/launch.py``; multi-node runs are launched by hand, docs/PERFORMANCE.md); each process finds
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in its environment and :func:`distributed_context` joins the process
-group (``nccl`` on CUDA, ``gloo`` on the CPU).
+The processes are started by torchrun (``mpafer train --devices N`` re-invokes itself that way, see the
+command line's ``launch`` module; multi-node runs are launched by hand, docs/PERFORMANCE.md); each process
+finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in its environment and :func:`distributed_context` joins the
+process group (``nccl`` on CUDA, ``gloo`` on the CPU).
 
 How the processes stay equivalent to one process with the same (global) ``train.batch_size``:
 
