@@ -47,7 +47,7 @@ from mpafer.model.visual_prompts import PromptedImageEncoder
 if TYPE_CHECKING:  # the config is only read through its attributes (duck typing)
     from mpafer.config import ModelConfig
 
-__all__ = ["MPAFER", "MPAOutput", "cgla_local_scores"]
+__all__ = ["MPAFER", "MPAOutput", "cgla_local_scores", "patch_class_similarities"]
 
 
 @dataclass
@@ -68,6 +68,12 @@ class MPAOutput:
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
+def patch_class_similarities(local_features: Tensor, text_features: Tensor) -> Tensor:
+    """``cos(z_i^l, θ(t_c))`` ``[B, P, C]`` of normalised local ``[B, P, D]`` and class ``[C, D]`` features:
+    the matrix CGLA takes its top-k from, and what explanations draw."""
+    return torch.einsum("bpd,cd->bpc", local_features, text_features)
+
+
 def cgla_local_scores(local_features: Tensor, text_features: Tensor, k: int) -> Tensor:
     """CGLA local score ``S_l`` (docs/METHOD.md §3).
 
@@ -79,8 +85,7 @@ def cgla_local_scores(local_features: Tensor, text_features: Tensor, k: int) -> 
     Returns:
         ``[B, C]``: for each image and class, the mean of the k largest ``cos(z_i^l, θ(t_c))`` over i.
     """
-    sims = torch.einsum("bpd,cd->bpc", local_features, text_features)  # [B, P, C]
-    return sims.topk(k, dim=1).values.mean(dim=1)
+    return patch_class_similarities(local_features, text_features).topk(k, dim=1).values.mean(dim=1)
 
 
 def _tokenize_fn(backbone: Any) -> Callable[[list[str]], Tensor]:
@@ -288,6 +293,17 @@ class MPAFER(nn.Module):
                 scores = s_global
             logits = scores / self.tau_cls
         return MPAOutput(logits=logits, global_features=global_feat, text_features=t, aux=aux)
+
+    @torch.no_grad()
+    def patch_scores(self, images: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """``S_g`` ``[B, C]`` and the per-patch similarities ``[B, P, C]`` (:func:`patch_class_similarities`)
+        of ``images``, for every variant: the local features are computed even when CGLA is off, so that an
+        explanation can show them (a score without CGLA does not use them)."""
+        global_feat, local_feat = self.image(images, return_local=True)
+        assert local_feat is not None
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            t = text_features.to(torch.float32)
+            return global_feat @ t.t(), patch_class_similarities(local_feat, t)
 
     # ------------------------------------------------------------------------------------ losses
     def loss(self, out: MPAOutput, labels: Tensor) -> dict[str, Tensor]:

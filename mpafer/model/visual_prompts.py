@@ -262,12 +262,17 @@ class PromptedImageEncoder(nn.Module):
             x = x @ proj
         return F.normalize(x.to(torch.float32), dim=-1)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, images: Tensor, return_local: bool | None = None) -> tuple[Tensor, Tensor | None]:
         """Encode ``images`` ``[B, 3, H, W]``.
 
+        Args:
+            images: normalised image batch.
+            return_local: compute the local features; ``None`` = as fixed at construction. Explanations
+                ask for them on variants whose score does not use them.
+
         Returns:
-            ``(global [B, D], local [B, n_patches, D] or None)``, float32, L2-normalised; ``local`` is
-            computed only when ``return_local``.
+            ``(global [B, D], local [B, n_patches, D] or None)``, float32, L2-normalised; the local
+            features are in the patch grid's row-major order (``conv1`` output), ``None`` when not asked for.
         """
         x = self._embed(images)
         blocks = self.visual.transformer.resblocks
@@ -284,7 +289,7 @@ class PromptedImageEncoder(nn.Module):
         else:
             pooled = x[:, 0]
         global_feat = self._project(pooled)
-        if not self.return_local:
+        if not (self.return_local if return_local is None else return_local):
             return global_feat, None
         if self.local_features == "vv":
             patches = last_block_branch(blocks[-1], last_input, start, mode="vv")
