@@ -12,6 +12,7 @@ from mpafer.cli import describe as _describe  # noqa: E402,F401
 from mpafer.cli import embed as _embed  # noqa: E402,F401
 from mpafer.cli import learn as _learn  # noqa: E402,F401
 from mpafer.cli import pipeline as _pipeline  # noqa: E402,F401
+from mpafer.cli import use as _use  # noqa: E402,F401
 from mpafer.cli.app import app, bench_app
 from mpafer.cli.common import show_logs
 from mpafer.errors import MpaferError

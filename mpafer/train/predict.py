@@ -6,6 +6,10 @@ with string metadata: ``classes`` (JSON list), ``variant``, ``clip_model``, ``we
 all that :func:`predict` needs besides the CLIP weights themselves; the ``zeroshot`` and ``vpt``
 variants, whose classifier is the frozen hard-prompt class targets, also read the text-features file
 recorded in ``run_dir/run.json``.
+
+:func:`load_run` also accepts a folder written by ``mpafer export`` (:mod:`mpafer.train.export`): there
+the classifier weights θ(t_c) are read from the folder instead of being computed by the text encoder,
+and the preprocessing is the folder's ``preprocess.json``.
 """
 
 from __future__ import annotations
@@ -105,6 +109,18 @@ class LoadedRun:
     precision: Precision
     meta: dict[str, Any] = field(default_factory=dict)
     run_info: dict[str, Any] = field(default_factory=dict)
+    #: The classifier weights θ(t_c) ``[C, D]`` on ``device``: read from an exported folder, else computed
+    #: once by :meth:`text_features`.
+    class_features: torch.Tensor | None = None
+    #: The ``mpafer export`` manifest (``export.json``) when ``run_dir`` is an exported folder.
+    export: dict[str, Any] | None = None
+
+    def text_features(self) -> torch.Tensor:
+        """θ(t_c) ``[C, D]`` (float32, normalised), computed from the prompts the first time only."""
+        if self.class_features is None:
+            with autocast(self.device, self.precision):
+                self.class_features = self.model.class_text_features()  # type: ignore[operator]
+        return self.class_features
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> Config:
@@ -134,16 +150,18 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     """Rebuild a run's model from ``config.json`` + the CLIP weights + ``prompts.safetensors``.
 
     Raises :class:`ArtifactError` (one line) when the run directory lacks its files or its prompts do
-    not fit the configured model or CLIP.
+    not fit the configured model or CLIP. ``run_dir`` may also be a folder written by ``mpafer export``.
     """
     from mpafer.clip.backbone import load_backbone
     from mpafer.data.images import clip_transforms
     from mpafer.model import MPAFER
+    from mpafer.train.export import ExportedRun, read_export
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
-    cfg = read_run_config(run_dir)
+    exported: ExportedRun | None = read_export(run_dir)
+    cfg = read_run_config(run_dir) if exported is None else exported.config
     if device is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
     prompts_path = run_dir / PROMPTS_FILE
@@ -157,13 +175,19 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
 
     dev = train_device(cfg)
     backbone = load_backbone(cfg.clip.model_copy(update={"device": dev.type}))
-    if meta.get("weights_identity") and str(backbone.identity) != meta["weights_identity"]:
+    expected = exported.weights_identity if exported is not None else meta.get("weights_identity")
+    if expected and str(backbone.identity) != expected:
         raise ArtifactError(
-            f"run {run_dir} was trained on CLIP weights {meta['weights_identity']} but "
+            f"run {run_dir} was trained on CLIP weights {expected} but "
             f"{cfg.clip.model}/{cfg.clip.pretrained} loads {backbone.identity}"
         )
     targets = None
-    if not cfg.model.use_text_prompts:  # zeroshot / vpt: the classifier is the hard-prompt class targets
+    class_features = None
+    if exported is not None:
+        class_features = exported.class_features(classes).to(dev)
+        if not cfg.model.use_text_prompts:
+            targets = exported.class_targets(classes)
+    elif not cfg.model.use_text_prompts:  # zeroshot / vpt: the classifier is the hard-prompt class targets
         tf_path = (info.get("inputs") or {}).get("text_features")
         if not tf_path or not Path(tf_path).is_file():
             raise ArtifactError(
@@ -176,10 +200,15 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     model = MPAFER(backbone, classes, inference_model_config(cfg.model), targets, None).to(dev)
     model.load_prompt_state_dict({k: v.to(dev) for k, v in tensors.items()})
     model.eval()
-    _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None, **backbone.resize_settings)
+    if exported is not None:
+        test_tf = exported.test_transform()
+    else:
+        _, test_tf = clip_transforms(backbone.image_size, backbone.mean, backbone.std, None,
+                                     **backbone.resize_settings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, classes=classes, backbone=backbone, model=model,
                      test_transform=test_tf, device=dev, precision=resolve_amp(cfg.train.amp, dev), meta=meta,
-                     run_info=info)
+                     run_info=info, class_features=class_features,
+                     export=exported.manifest if exported is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ predict
@@ -229,8 +258,7 @@ def predict_loaded(run: LoadedRun, images: Sequence[str | os.PathLike[str]], top
         except MpaferError as exc:
             results[i] = Prediction(path=p, error=exc.message)
     if loaded:
-        with autocast(run.device, run.precision):
-            text_features = run.model.class_text_features()  # type: ignore[operator]
+        text_features = run.text_features()
         for start in range(0, len(loaded), bs):
             chunk = loaded[start : start + bs]
             x = torch.stack([t for _, t in chunk]).to(run.device)

@@ -1,0 +1,57 @@
+"""CLI commands that use a trained run: ``mpafer export``.
+
+A run directory or a folder written by ``mpafer export`` is accepted wherever a run is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mpafer.cli.app import app
+from mpafer.cli.common import console, emit
+from mpafer.errors import ConfigError
+
+_RUN_HELP = "Run directory (config.json + prompts.safetensors) or a folder written by mpafer export."
+_DEVICE_HELP = "cpu, cuda or auto (default: the run's)."
+
+
+def _device(device: str | None) -> str | None:
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory of a finished training (evaluated: the card gets its metrics)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
+    include_weights: bool = typer.Option(
+        False, "--include-weights", help="Copy the frozen CLIP into the folder (default: referenced by identity)."),
+    license: str = typer.Option("mit", "--license", help="License id of the model card (Hub identifiers)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR once the new folder is complete."),
+    device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
+) -> None:
+    """Write a self-contained folder: prompts, config, class text features, preprocessing and a model card.
+
+    `mpafer predict --run OUT_DIR` gives the run's predictions from it; huggingface_hub.upload_folder can
+    publish it as it is.
+    """
+    from mpafer.train.export import export_run
+
+    manifest = export_run(run, out_dir, include_weights=include_weights, license=license,
+                          device=_device(device), force=force)
+    backbone = manifest["backbone"]
+    where = "included in clip/" if backbone["weights_included"] else "referenced by identity"
+    console.print(f"exported {manifest['variant']} run: {len(manifest['classes'])} classes, CLIP "
+                  f"{backbone['model']} ({backbone['weights_identity']}, {where})", markup=False, highlight=False)
+    for field in manifest.get("config_paths_cut") or []:
+        emit(f"note: config field {field} named a path of this machine; exported as its last component", console)
+    if not backbone["weights_included"] and (
+        str(backbone["pretrained"]).endswith((".safetensors", ".bin", ".pt", ".pth"))
+        or str(backbone["model"]).startswith("local-dir:")
+    ):
+        emit("note: the CLIP weights are a local file or folder: copy them into the exported folder under the "
+             "name in its config.json, or export with --include-weights", console)
+    emit(f"export {Path(out_dir).resolve()}")
