@@ -1,4 +1,4 @@
-"""CLI commands that use a trained run: ``mpafer export``.
+"""CLI commands that use a trained run: ``mpafer explain``, ``mpafer export``.
 
 A run directory or a folder written by ``mpafer export`` is accepted wherever a run is asked for.
 """
@@ -11,7 +11,7 @@ import typer
 
 from mpafer.cli.app import app
 from mpafer.cli.common import console, emit
-from mpafer.errors import ConfigError
+from mpafer.errors import ConfigError, DataError
 
 _RUN_HELP = "Run directory (config.json + prompts.safetensors) or a folder written by mpafer export."
 _DEVICE_HELP = "cpu, cuda or auto (default: the run's)."
@@ -21,6 +21,46 @@ def _device(device: str | None) -> str | None:
     if device is not None and device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"--device must be cpu, cuda or auto, got {device!r}")
     return device
+
+
+@app.command()
+def explain(
+    images: list[Path] = typer.Argument(..., help="Image files to explain."),
+    run: Path = typer.Option(..., "--run", help=_RUN_HELP),
+    out: Path = typer.Option(..., "--out", help="Folder for one PNG per image and explanations.json."),
+    device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
+) -> None:
+    """Which face patches drove each prediction: a heatmap PNG per image with S_g and S_l of the top-3 classes.
+
+    An image that cannot be read gets one error line; the others are still explained (exit code of a data
+    error when any failed).
+    """
+    from mpafer.artifacts import atomic_write_json
+    from mpafer.train.explain import explain_paths, plot_explanation, png_names
+    from mpafer.train.predict import load_run
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder")
+    loaded = load_run(run, device=_device(device))
+    results = explain_paths(loaded, images)
+    good = [(p, e) for p, e, _ in results if e is not None]
+    for _, _, error in results:
+        if error is not None:
+            emit(f"error: {error}", console)
+    if good:
+        out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for (path, expl), name in zip(good, png_names([p.stem for p, _ in good]), strict=True):
+        png = plot_explanation(expl, out / name)
+        c = expl.predicted
+        parts = f"S_g {expl.s_global[c]:.3f}" + (f" + S_l {expl.s_local[c]:.3f}" if expl.s_local is not None
+                                                 else " (no CGLA: S_l not in the score)")
+        emit(f"{path}: {expl.classes[c]} {100 * expl.probs[c]:.1f}% ({parts}) -> {png}")
+        records.append({**expl.to_dict(), "png": str(png)})
+    if good:
+        atomic_write_json(out / "explanations.json", records)
+    if len(good) < len(results):
+        raise typer.Exit(DataError.exit_code)
 
 
 @app.command()

@@ -333,6 +333,9 @@ def evaluate(
     base_timings = dict(train_res.get("timings") or {})
     base_timings["evaluate"] = round(time.perf_counter() - t_start, 4)
     summary["timings"] = _merge_timings(base_timings, timings)
-    atomic_write_text(run_dir / f"report{sfx}.md", render_report(summary, cfg.model_dump(mode="json")))
+    from mpafer.train.explain import explanations_section
+
+    explained = explanations_section(run, run_dir, manifest, split, labels.tolist(), preds.tolist())
+    atomic_write_text(run_dir / f"report{sfx}.md", render_report(summary, cfg.model_dump(mode="json")) + explained)
     atomic_write_json(summary_path, summary)
     return summary
