@@ -4,7 +4,7 @@
   artifact) and the result storage in the project folder.
 - ``flows.tasks``: one task per stage; ``flows.stages``: one flow per stage and the shared executor.
 - ``flows.pipeline``: the parent flow ``mpa-fer-pipeline``; ``flows.artifacts``: UI artifacts.
-- ``flows.deployments``: serve the deployments (``mpafer serve`` / ``python -m flows.deployments``).
+- ``flows.deployments``: serve the deployments (``mpafer serve-deployments`` / ``python -m flows.deployments``).
 """
 
 from flows.pipeline import PIPELINE_FLOW_NAME, mpa_fer_pipeline

@@ -1,4 +1,4 @@
-"""Serve the pipeline and stage flows as Prefect deployments (``mpafer serve`` / ``python -m flows.deployments``).
+"""Serve the pipeline and stage flows as Prefect deployments (``mpafer serve-deployments`` / ``python -m flows.deployments``).
 
 Deployments (the same names ``prefect.yaml`` defines for the ``mpafer-pool`` process work pool):
 

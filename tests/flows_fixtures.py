@@ -3,7 +3,7 @@
 Load it from a test module with ``pytest_plugins = ["flows_fixtures"]``. The server is
 ``prefect server start`` in a subprocess with its own temporary ``PREFECT_HOME`` (SQLite), analytics and
 UI off; the test process talks to it through ``temporary_settings(PREFECT_API_URL=...)``, and child
-processes (``mpafer serve``, ``prefect deployment run``) get :attr:`PrefectServer.env`.
+processes (``mpafer serve-deployments``, ``prefect deployment run``) get :attr:`PrefectServer.env`.
 """
 
 from __future__ import annotations

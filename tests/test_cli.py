@@ -23,7 +23,7 @@ def test_help_exits_0_and_lists_every_command(capsys: pytest.CaptureFixture[str]
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in ("manifest", "describe", "embed", "zeroshot", "train", "evaluate", "predict",
-                    "demo", "run", "serve", "bench"):
+                    "demo", "run", "serve-deployments", "serve-model", "explain", "export", "bench"):
         assert command in out
 
 

@@ -1,7 +1,7 @@
-"""End to end with real parts: a Prefect server, ``mpafer serve`` and ``prefect deployment run --watch``.
+"""End to end with real parts: a Prefect server, ``mpafer serve-deployments`` and ``prefect deployment run --watch``.
 
 The session's ``prefect server start`` subprocess (tests/flows_fixtures.py) holds the deployments that
-``mpafer serve`` registers from a second subprocess; ``prefect deployment run 'mpa-fer-pipeline/demo'``
+``mpafer serve-deployments`` registers from a second subprocess; ``prefect deployment run 'mpa-fer-pipeline/demo'``
 (a third) creates the runs with the tiny config as parameters and watches them to completion. The second
 run must find every task cached; invalid parameters must be rejected when the run is created.
 """
@@ -48,7 +48,7 @@ def wait_for_deployment(server: PrefectServer, serve: subprocess.Popen[bytes], l
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     while time.monotonic() < deadline:
         if serve.poll() is not None:
-            raise AssertionError(f"mpafer serve exited with {serve.returncode}:\n{tail(log)}")
+            raise AssertionError(f"mpafer serve-deployments exited with {serve.returncode}:\n{tail(log)}")
         try:
             with get_client(sync_client=True) as client:
                 client.read_deployment_by_name(DEPLOYMENT)
@@ -77,7 +77,7 @@ def test_served_deployment_runs_caches_and_validates(prefect_server: PrefectServ
     log = tmp_path / "serve.log"
     with open(log, "wb") as f:
         serve = subprocess.Popen(
-            [mpafer_executable(), "serve", "--limit", "1"], cwd=tmp_path,
+            [mpafer_executable(), "serve-deployments", "--limit", "1"], cwd=tmp_path,
             env={**prefect_server.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
             stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )

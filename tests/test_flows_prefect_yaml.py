@@ -1,4 +1,4 @@
-"""prefect.yaml: the deployments `mpafer serve` registers, for the process work pool, with valid parameters
+"""prefect.yaml: the deployments `mpafer serve-deployments` registers, for the process work pool, with valid parameters
 that equal the YAML configs; and `prefect deploy --all` accepts the file against a real server."""
 
 from __future__ import annotations

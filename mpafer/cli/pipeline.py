@@ -1,4 +1,4 @@
-"""CLI commands: pipeline (``mpafer demo``, ``mpafer run``, ``mpafer serve``).
+"""CLI commands: pipeline (``mpafer demo``, ``mpafer run``, ``mpafer serve-deployments``).
 
 The Prefect flows (``flows/``) are imported inside the commands, so ``mpafer`` stays importable
 without Prefect; ``--no-prefect`` runs :func:`mpafer.pipeline.run_pipeline` (same stages, same caches).
@@ -149,8 +149,8 @@ def run(
     _report(_run(cfg, verbose, no_prefect, refresh))
 
 
-@app.command()
-def serve(
+@app.command("serve-deployments")
+def serve_deployments(
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML config for the named and retrain deployments.")
     ] = None,
@@ -162,6 +162,8 @@ def serve(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Flow runs at the same time.")] = 1,
 ) -> None:
     """Serve the pipeline and stage flows as Prefect deployments (until interrupted).
+
+    Not to be confused with `mpafer serve-model`, which serves predictions over HTTP.
 
     Deployments: mpa-fer-pipeline/demo; for --config (or the demo) mpa-fer-pipeline/<name>, the scheduled
     mpa-fer-pipeline/retrain and mpa-fer-<stage>/<name> per stage flow.
@@ -179,6 +181,20 @@ def serve(
             "[yellow]warning:[/] PREFECT_API_URL is not set: serving against a temporary local server that nothing "
             "else can reach. Start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
-    from flows.deployments import serve_deployments
+    from flows.deployments import serve_deployments as serve_flows
 
-    serve_deployments(str(config) if config else None, list(sets or []), cron, not no_stages, limit)
+    serve_flows(str(config) if config else None, list(sets or []), cron, not no_stages, limit)
+
+
+@app.command("serve", hidden=True, deprecated=True)
+def serve(
+    config: Annotated[Path | None, typer.Option("--config")] = None,
+    sets: _SETS = None,
+    cron: Annotated[str | None, typer.Option("--cron")] = None,
+    no_stages: Annotated[bool, typer.Option("--no-stages")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 1,
+) -> None:
+    """Deprecated name of `mpafer serve-deployments` (kept so existing scripts and services keep working)."""
+    console.print("[yellow]warning:[/] `mpafer serve` is deprecated: use `mpafer serve-deployments` (Prefect "
+                  "deployments) or `mpafer serve-model` (HTTP predictions)")
+    serve_deployments(config, sets, cron, no_stages, limit)

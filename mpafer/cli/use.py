@@ -1,4 +1,4 @@
-"""CLI commands that use a trained run: ``mpafer explain``, ``mpafer export``.
+"""CLI commands that use a trained run: ``mpafer explain``, ``mpafer export``, ``mpafer serve-model``.
 
 A run directory or a folder written by ``mpafer export`` is accepted wherever a run is asked for.
 """
@@ -95,3 +95,24 @@ def export(
         emit("note: the CLIP weights are a local file or folder: copy them into the exported folder under the "
              "name in its config.json, or export with --include-weights", console)
     emit(f"export {Path(out_dir).resolve()}")
+
+
+@app.command("serve-model")
+def serve_model(
+    run: Path = typer.Option(..., "--run", help=_RUN_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Expressions per answer unless the request asks (?top_k=)."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="Largest image accepted (MiB)."),
+    device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
+) -> None:
+    """Serve predictions over HTTP: POST /predict (multipart field 'image'), GET /health, GET /classes.
+
+    Not to be confused with `mpafer serve-deployments`, which serves the Prefect pipeline deployments.
+    Example: curl -F image=@face.jpg http://127.0.0.1:8000/predict
+    """
+    from mpafer.serve import serve_model as serve
+
+    emit(f"serving {run} on http://{host}:{port} (POST /predict, GET /health, GET /classes; Ctrl-C stops)", console)
+    serve(run, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024), top_k=top_k,
+          device=_device(device))
