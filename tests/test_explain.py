@@ -159,12 +159,13 @@ def test_cli_explain_non_image_is_one_error_line(mpa_run: Path, tmp_path: Path,
     assert (out / "000.png").is_file()
 
 
-def test_pick_examples_by_confidence_or_order() -> None:
-    labels = [0, 0, 1, 1, 2, 2]
-    preds = [0, 0, 0, 1, 0, 2]  # correct: 0, 1, 3, 5; wrong: 2, 4
-    assert _pick(labels, preds, None, 2) == ([0, 1], [2, 4])
-    conf = [0.5, 0.6, 0.4, 0.9, 0.8, 0.7]
-    assert _pick(labels, preds, conf, 2) == ([3, 5], [4, 2])
+def test_pick_examples_by_confidence_or_order_across_classes() -> None:
+    labels = [0, 0, 1, 1, 2, 2, 2]
+    preds = [0, 0, 0, 1, 0, 2, 1]  # correct: 0, 1, 3, 5; wrong: 2, 4, 6
+    assert _pick(labels, preds, None, 2) == ([0, 3], [2, 4])  # class 0 once, then the next class
+    conf = [0.5, 0.6, 0.4, 0.9, 0.8, 0.7, 0.95]
+    assert _pick(labels, preds, conf, 2) == ([3, 5], [6, 2])  # most confident, 6 and 4 share class 2
+    assert _pick([0, 0, 0], [0, 0, 0], None, 2) == ([0, 1], [])  # one class only: still n examples
 
 
 def test_confidences_from_predictions_parquet(tmp_path: Path) -> None:

@@ -210,7 +210,8 @@ def explanation_figure(expl: Explanation) -> Any:
         s = expl.s_global[c] + (s_l or 0.0)
         cells.append([expl.classes[c], f"{100 * expl.probs[c]:.1f} %", f"{expl.s_global[c]:.3f}",
                       "–" if s_l is None else f"{s_l:.3f}", f"{s:.3f}"])
-    table = ax_tab.table(cellText=cells, colLabels=header, loc="center", cellLoc="center")
+    table = ax_tab.table(cellText=cells, colLabels=header, loc="center", cellLoc="center",
+                         colWidths=[0.24, 0.16, 0.16, 0.16, 0.28])
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1.0, 1.6)
@@ -256,13 +257,23 @@ def png_names(stems: Sequence[str]) -> list[str]:
 def _pick(labels: Sequence[int], preds: Sequence[int], confidence: Sequence[float] | None,
           n: int) -> tuple[list[int], list[int]]:
     """``n`` correct and ``n`` wrong indices: the most confident of each when ``confidence`` is given,
-    else the first in order."""
-    correct = [i for i, (y, p) in enumerate(zip(labels, preds, strict=True)) if y == p]
-    wrong = [i for i, (y, p) in enumerate(zip(labels, preds, strict=True)) if y != p]
-    if confidence is not None:
-        correct.sort(key=lambda i: -confidence[i])
-        wrong.sort(key=lambda i: -confidence[i])
-    return correct[:n], wrong[:n]
+    else the first in order, each of another true class while there is one (examples of one class only
+    would show little)."""
+
+    def first_n(candidates: list[int]) -> list[int]:
+        if confidence is not None:
+            candidates = sorted(candidates, key=lambda i: -confidence[i])
+        chosen: list[int] = []
+        while candidates and len(chosen) < n:
+            seen = {labels[i] for i in chosen}
+            i = next((i for i in candidates if labels[i] not in seen), candidates[0])
+            chosen.append(i)
+            candidates = [j for j in candidates if j != i]
+        return chosen
+
+    pairs = list(zip(labels, preds, strict=True))
+    return (first_n([i for i, (y, p) in enumerate(pairs) if y == p]),
+            first_n([i for i, (y, p) in enumerate(pairs) if y != p]))
 
 
 def _confidences(run_dir: Path, rel_paths: Sequence[str]) -> list[float] | None:
@@ -299,7 +310,9 @@ def explanations_section(run: LoadedRun, run_dir: str | os.PathLike[str], manife
     lines = ["", "## Explanations", ""]
     if not chosen:
         return "\n".join([*lines, "No images to explain.", ""])
-    order = "the most confident of each (predictions.parquet)" if confidence is not None else "the first in manifest order"
+    order = ("the most confident of each, from predictions.parquet" if confidence is not None
+             else "the first in manifest order")
+    order += ", of different true classes where possible"
     lines += [
         f"Which face patches drove {len(correct)} correct and {len(wrong)} wrong {split} predictions "
         f"({order}). Each figure shows the face as the model sees it, the similarity of every patch to the "
