@@ -84,8 +84,8 @@ def export(
                           device=_device(device), force=force)
     backbone = manifest["backbone"]
     where = "included in clip/" if backbone["weights_included"] else "referenced by identity"
-    console.print(f"exported {manifest['variant']} run: {len(manifest['classes'])} classes, CLIP "
-                  f"{backbone['model']} ({backbone['weights_identity']}, {where})", markup=False, highlight=False)
+    emit(f"exported {manifest['variant']} run: {len(manifest['classes'])} classes, CLIP {backbone['model']} "
+         f"({backbone['weights_identity']}, {where})", console)
     for field in manifest.get("config_paths_cut") or []:
         emit(f"note: config field {field} named a path of this machine; exported as its last component", console)
     if not backbone["weights_included"] and (
