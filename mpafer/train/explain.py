@@ -160,19 +160,12 @@ def explain_paths(run: LoadedRun, paths: Sequence[str | os.PathLike[str]]
 
 
 # ------------------------------------------------------------------------------------------ figure
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def explanation_figure(expl: Explanation) -> Any:
     """The explanation as a matplotlib figure: the face, the patch heatmap with the top-k patches outlined
     (``Rectangle`` patches with gid ``top-patch``), and the score parts of the top-3 classes."""
     from matplotlib.patches import Rectangle
+
+    from mpafer.train.report import _pyplot
 
     plt = _pyplot()
     pred = expl.predicted
@@ -232,6 +225,7 @@ def _short(name: str, limit: int = 90) -> str:
 def plot_explanation(expl: Explanation, path: str | os.PathLike[str]) -> Path:
     """Write :func:`explanation_figure` as a PNG (atomically)."""
     from mpafer.artifacts import atomic_path
+    from mpafer.train.report import _pyplot
 
     plt = _pyplot()
     fig = explanation_figure(expl)

@@ -34,7 +34,6 @@ The folder is written under a temporary name beside ``OUT_DIR`` and renamed into
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from mpafer.artifacts import _fsync_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from mpafer.config import Config, build_config
 from mpafer.errors import ArtifactError
 
@@ -382,12 +381,7 @@ def _replace_folder(new: Path, final: Path) -> None:
     new.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync_dir(final.parent)
 
 
 # ------------------------------------------------------------------------------------------ model card
