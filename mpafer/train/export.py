@@ -255,7 +255,8 @@ def _write_clip(run: LoadedRun, folder: Path, preprocess: dict[str, Any]) -> str
     atomic_write_json(out / "open_clip_config.json", _open_clip_config(backbone, preprocess))
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.model.state_dict().items()}
     weights = out / "open_clip_model.safetensors"
-    save_file(state, str(weights))
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
     return f"sha256:{sha256_file(weights)}"
 
 
