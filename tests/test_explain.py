@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_fixtures import CLASSES, base_config, run_train, shared_inputs
+from train_fixtures import CLASSES, base_config, run_train, shared_inputs
 
 from mpafer.errors import DataError
 from mpafer.train.explain import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from test_train_fixtures import CLASSES, base_config, run_train, shared_inputs
+from train_fixtures import CLASSES, base_config, run_train, shared_inputs
 
 from mpafer.errors import ConfigError
 from mpafer.train import predict

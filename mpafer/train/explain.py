@@ -96,14 +96,14 @@ class Explanation:
 def explain_images(run: LoadedRun, images: Sequence[tuple[str, Image.Image]],
                    labels: Sequence[int | None] | None = None) -> list[Explanation]:
     """Explain ``(name, RGB PIL image)`` pairs with a loaded run (the run's own preprocessing and precision)."""
-    from mpafer.train.loop import _autocast
+    from mpafer.runtime import autocast
 
     if not images:
         return []
     model = run.model
     x = torch.stack([run.test_transform(img) for _, img in images]).to(run.device)
     text = run.text_features()
-    with _autocast(run.device, run.amp_dtype):
+    with autocast(run.device, run.precision):
         out = model(x, text_features=text)
         _, sims = model.patch_scores(x, text)  # type: ignore[operator]
     grid = tuple(int(g) for g in model.image.visual.grid_size)  # type: ignore[union-attr]
