@@ -1,6 +1,58 @@
-"""User-facing errors: each one becomes a single clear line and a non-zero exit in the CLI."""
+"""User-facing errors: each one becomes a single clear line and a non-zero exit in the CLI.
+
+The exit code says the *class* of failure, so that a scheduler can tell an LLM outage from a typo
+(the table is in ``docs/RELIABILITY.md`` and the README):
+
+====  ==========================================================================================
+code  failure class
+====  ==========================================================================================
+0     success
+1     a bug in mpafer (an unexpected exception; the traceback is written to a file)
+2     usage or configuration (:class:`ConfigError`, an unknown option or command)
+3     data (:class:`DataError`: dataset folder, label files, images)
+4     LLM or network (:class:`LLMError`)
+5     CLIP weights (:class:`WeightsError`)
+6     artifacts or the file system (:class:`ArtifactError`, :class:`FileSystemError`: a damaged
+      artifact, a full disk, a read-only or unwritable folder)
+130   interrupted (Ctrl-C)
+====  ==========================================================================================
+"""
 
 from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_LLM = 4
+EXIT_WEIGHTS = 5
+EXIT_FILES = 6
+EXIT_INTERRUPTED = 130
+
+
+def printable(text: object) -> str:
+    """``text`` as one line that any terminal and UTF-8 file can take.
+
+    File names that are not UTF-8 reach Python as lone surrogates (``os.fsdecode``: byte 0xE9 becomes
+    ``'\\udce9'``); they are shown as the byte they stand for (``\\xe9``), other control characters as
+    escapes, and whitespace runs (newlines included) as one space.
+    """
+    s = str(text)
+    if any("\ud800" <= ch <= "\udfff" for ch in s):
+        s = s.encode("utf-8", "surrogateescape" if _only_escapes(s) else "surrogatepass").decode(
+            "utf-8", "backslashreplace"
+        )
+    s = " ".join(s.split())
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in s):
+        s = "".join(ch if 32 <= ord(ch) != 127 else ch.encode("unicode_escape").decode("ascii") for ch in s)
+    return s
+
+
+def _only_escapes(s: str) -> bool:
+    return all(not ("\ud800" <= ch <= "\udfff") or "\udc80" <= ch <= "\udcff" for ch in s)
 
 
 class MpaferError(Exception):
@@ -9,11 +61,11 @@ class MpaferError(Exception):
     The CLI prints ``error: <message>`` on one line and exits with ``exit_code``.
     """
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message = " ".join(str(message).split())  # always one line
+        self.message = printable(message)  # always one line
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message
@@ -22,18 +74,79 @@ class MpaferError(Exception):
 class ConfigError(MpaferError):
     """An invalid configuration value or file."""
 
+    exit_code = EXIT_USAGE
+
 
 class DataError(MpaferError):
     """Bad dataset input: missing root, unreadable image, label out of range, ..."""
 
+    exit_code = EXIT_DATA
+
 
 class LLMError(MpaferError):
-    """The LLM server could not produce valid descriptions."""
+    """The LLM server could not produce valid descriptions (or could not be reached)."""
+
+    exit_code = EXIT_LLM
 
 
 class WeightsError(MpaferError):
     """CLIP weights are missing or unreadable."""
 
+    exit_code = EXIT_WEIGHTS
+
 
 class ArtifactError(MpaferError):
     """An artifact is missing, partial or fails its checksum/schema check."""
+
+    exit_code = EXIT_FILES
+
+
+class FileSystemError(ArtifactError):
+    """The file system refused a read or write: full disk, read-only folder, no permission, a file where a
+    folder is needed. Same exit code as :class:`ArtifactError` (both are about the files mpafer keeps)."""
+
+
+#: What to do about an ``OSError``, by errno (the path is named before it).
+_OS_ADVICE: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device; free some space (or point pipeline.project_dir at another "
+    "disk) and rerun: finished steps are kept",
+    errno.EROFS: "the file system is read-only; point pipeline.project_dir (or --out) at a writable folder",
+    errno.EACCES: "permission denied; make the folder writable for this user or choose another one",
+    errno.EPERM: "operation not permitted; make the folder writable for this user or choose another one",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; remove it or choose another path",
+    errno.EISDIR: "this is a folder where a file is needed; choose another path",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop?); fix the link",
+    errno.ENAMETOOLONG: "the file name is too long for this file system",
+    errno.ENOENT: "no such file or folder",
+    errno.EIO: "input/output error from the device; check the disk",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.ENFILE: "too many open files in the system",
+}
+if hasattr(errno, "EDQUOT"):
+    _OS_ADVICE[errno.EDQUOT] = "disk quota exceeded; free some space and rerun: finished steps are kept"
+
+_SQLITE_FS = ("database or disk is full", "readonly database", "unable to open database file", "disk i/o error")
+
+
+def file_system_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> FileSystemError | None:
+    """The one-line :class:`FileSystemError` for an ``OSError`` the environment caused (full disk,
+    read-only folder, permissions, a file in place of a folder, ...) or an SQLite "disk is full"; ``None``
+    for anything else (which stays a bug). ``path`` names the file when the exception does not."""
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if any(marker in text for marker in _SQLITE_FS):
+            where = f" {os.fspath(path)}" if path is not None else ""
+            return FileSystemError(f"cannot write the SQLite database{where} ({exc}); free space or make its "
+                                   "folder writable, then rerun")
+        return None
+    if not isinstance(exc, OSError) or exc.errno not in _OS_ADVICE:
+        return None
+    name = exc.filename if exc.filename is not None else path
+    where = f"{_name(name)}: " if name is not None else ""
+    if exc.filename2 is not None:
+        where = f"{_name(name)} -> {_name(exc.filename2)}: "
+    return FileSystemError(f"{where}{_OS_ADVICE[exc.errno]} ([Errno {exc.errno}] {exc.strerror})")
+
+
+def _name(path: object) -> str:
+    return os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)

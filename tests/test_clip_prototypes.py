@@ -162,7 +162,7 @@ def test_cli_embed_and_zeroshot(manifest: Path, tmp_path: Path, capsys: pytest.C
     rc = main(["embed", "--manifest", str(manifest), "--descriptions", str(desc), "--set", "clip.device=cpu",
                "--set", f"clip.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: CLIP weights missing: model ViT-B-16, tag openai")
+    assert rc == 5 and len(err) == 1 and err[0].startswith("error: CLIP weights missing: model ViT-B-16, tag openai")
 
 
 def test_cli_embed_runs_the_pipeline_stages(manifest: Path, tmp_path: Path,

@@ -337,12 +337,12 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("name", CLI_CASES)
-def test_bad_input_cli_exit_2_one_line(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_cli_exit_3_one_line(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     case = CASES[name]
     root = case.make(tmp_path)
     code = main(["manifest", "--dataset", case.dataset, "--root", str(root), "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
-    assert code == 2
+    assert code == 3  # the data class
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     for part in case.expect:

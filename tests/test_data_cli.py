@@ -57,7 +57,7 @@ def test_manifest_bad_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2 and len(err) == 1 and "val_fraction" in err[0]
     code = main(["manifest", "--dataset", "folder", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "data.root is not set" in err[0]
+    assert code == 3 and len(err) == 1 and "data.root is not set" in err[0]
     code = main(["manifest", "--dataset", "imagenet", "--root", str(root)])
     assert code == 2
 

@@ -143,6 +143,6 @@ def test_cli_demo_and_run(prefect_server: PrefectServer, tmp_path: Path, capfd: 
     assert "model.variant" in err and len(err.strip().splitlines()) == 1
 
     # A user error inside a task (missing weights) is one line too; Prefect's traceback stays in its API log.
-    assert main(["demo", *sets, "--project-dir", str(project), "--set", "clip.pretrained=/nope/w.safetensors"]) == 2
+    assert main(["demo", *sets, "--project-dir", str(project), "--set", "clip.pretrained=/nope/w.safetensors"]) == 5
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "weights" in err and len(err.splitlines()) == 1, err

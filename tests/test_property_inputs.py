@@ -6,9 +6,9 @@ Extends ``tests/test_config.py`` (random ``--set`` strings, random override pair
 
 * config files as *structured* YAML: nested mappings of real and unknown groups, fields and values of every
   YAML type, ``extends`` chains (existing, missing, cyclic, malformed);
-* ``--set`` items through the CLI (``mpafer describe``): exit 0, or exit 2 with one ``error:`` line;
+* ``--set`` items through the CLI (``mpafer describe``): exit 0, or exit 2 (config) with one ``error:`` line;
 * RAF-DB list lines, FERPlus vote rows, AffectNet rows and ``csv`` dataset rows through ``mpafer manifest``
-  (exit 0, or exit 2 with one ``error:`` line on stderr and no traceback);
+  (exit 0, or exit 3 (data) with one ``error:`` line on stderr and no traceback);
 * raw bytes (binary junk, invalid UTF-8, NUL bytes, BOMs, lone CRs) as the ``csv`` list and the AffectNet
   list files, and malformed FER2013 ``emotion,pixels,Usage`` rows, through the library (``DataError``);
 * the artifact readers: Parquet manifests, text features and prototypes cut at any length or with any byte
@@ -68,11 +68,12 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def assert_exit_clean(code: int, out: str, err: str) -> None:
-    """Exit 0, or exit 2 with exactly one ``error:`` line on stderr (after any ``warning:`` lines)."""
+def assert_exit_clean(code: int, out: str, err: str, failure: int = 2) -> None:
+    """Exit 0, or exit ``failure`` (the class of the input: 2 config, 3 data) with exactly one ``error:``
+    line on stderr (after any ``warning:`` lines)."""
     assert "Traceback" not in out + err, err
-    assert code in (0, 2), (code, err)
-    if code == 2:
+    assert code in (0, failure), (code, err)
+    if code == failure:
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines and lines[-1].startswith("error: "), err
         assert sum(line.startswith("error:") for line in lines) == 1, err
@@ -224,7 +225,7 @@ def test_cli_manifest_with_malformed_label_rows_exits_cleanly(
     with replaced(file, edit(file.read_bytes())):
         result = run_cli(["manifest", "--dataset", dataset, "--root", str(root), "--out", str(trees["out"]),
                           "--on-bad", on_bad, "--no-progress"])
-    assert_exit_clean(*result)
+    assert_exit_clean(*result, failure=3)
 
 
 # ------------------------------------------------------------------------------------------ raw bytes (library)

@@ -85,7 +85,7 @@ def cli_describe(server: SamePortServer, out: Path, cache: Path, capsys: pytest.
                  "--out", str(out), "--cache-dir", str(cache), "--set", "llm.max_retries=1",
                  "--set", "llm.timeout_s=1"])
     captured = capsys.readouterr()
-    assert code == 2 and captured.out == "", (code, captured)
+    assert code == 4 and captured.out == "", (code, captured)  # 4: the LLM/network class
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
     assert not out.exists() or files_under(out) == [], f"describe --out got {files_under(out)}"

@@ -33,7 +33,7 @@ def test_cli_train_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     code = main(["train", "--manifest", str(tmp_path / "missing.parquet"), "--run-dir", str(tmp_path / "r"),
                  "--set", "train.epochs=1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: manifest not found")
+    assert code == 3 and len(err) == 1 and err[0].startswith("error: manifest not found")
     code = main(["train", "--manifest", str(shared_inputs().manifest), "--run-dir", str(tmp_path / "r"),
                  "--set", "train.optimizer=adam"])
     assert code == 2 and "train.optimizer" in capsys.readouterr().err

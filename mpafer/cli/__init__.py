@@ -1,7 +1,10 @@
-"""Command line: ``mpafer <command>``. Every user error ends with one line on stderr and exit code 2."""
+"""Command line: ``mpafer <command>``. Every failure ends with one ``error:`` line on stderr and an exit code
+that names its class (:mod:`mpafer.errors`): 2 usage/config, 3 data, 4 LLM/network, 5 weights, 6 artifacts
+or file system, 1 only for a bug."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mpafer.cli import bench as _bench  # noqa: E402,F401
@@ -15,7 +18,7 @@ from mpafer.cli import pipeline as _pipeline  # noqa: E402,F401
 from mpafer.cli import use as _use  # noqa: E402,F401
 from mpafer.cli.app import app, bench_app
 from mpafer.cli.common import show_logs
-from mpafer.errors import MpaferError
+from mpafer.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USAGE, MpaferError, file_system_error, printable
 
 __all__ = ["app", "bench_app", "main"]
 
@@ -36,11 +39,42 @@ def _exception_types(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the app, turning user errors into one ``error:`` line.
+#: Set to 1 to print the traceback of an unexpected exception (a bug) on stderr as well.
+TRACEBACK_ENV = "MPAFER_TRACEBACK"
 
-    Returns the exit code: 0 on success, 2 for bad input (:class:`MpaferError` or a usage error),
-    130 when interrupted.
+
+def _report_bug(exc: BaseException) -> int:
+    """One line for an unexpected exception, the traceback in a file (or on stderr with ``MPAFER_TRACEBACK=1``).
+
+    A scheduler's log then holds one parseable line per failure, like for every user error, while the
+    traceback needed for a bug report is kept; exit code 1 says "bug", never "bad input".
+    """
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    where = ""
+    try:
+        fd, name = tempfile.mkstemp(prefix="mpafer-crash-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+        where = f"; the traceback is in {name}"
+    except OSError:
+        where = f"; set {TRACEBACK_ENV}=1 to see the traceback"
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        print(text, file=sys.stderr, end="")
+    print(f"error: internal error, a bug in mpafer ({type(exc).__name__}: {printable(exc)[:300]}){where}; "
+          "please report it", file=sys.stderr)
+    return EXIT_BUG
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, turning every failure into one ``error:`` line.
+
+    Returns the exit code: 0 on success, the failing :class:`MpaferError`'s ``exit_code`` (2 usage/config,
+    3 data, 4 LLM, 5 weights, 6 artifacts/file system; an ``OSError`` from a full disk, a read-only folder,
+    missing permissions or a file in place of a folder is the file-system class), 2 for a usage error,
+    130 when interrupted and 1 for anything else (a bug).
     """
     show_logs()
     try:
@@ -50,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except _exception_types("Exit") as exc:
@@ -63,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(message).split())
         if message:  # typer's "no arguments: show help" carries no message
             print(f"error: {message}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 2) or 2)
+        return int(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
+    except Exception as exc:
+        mapped = file_system_error(exc)
+        if mapped is not None:
+            print(f"error: {mapped.message}", file=sys.stderr)
+            return mapped.exit_code
+        return _report_bug(exc)
     return rv if isinstance(rv, int) else 0
 
 

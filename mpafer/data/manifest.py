@@ -50,7 +50,7 @@ from mpafer.config import DataConfig
 from mpafer.data.adapters import list_dataset
 from mpafer.data.adapters.base import SPLITS, BadRow, Listing, Row
 from mpafer.data.hashing import CACHE_FILE, HashCache, default_workers, hash_files
-from mpafer.errors import ArtifactError, DataError
+from mpafer.errors import ArtifactError, DataError, file_system_error
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "label_name", "split", "sha256")
 BOX_COLUMNS: tuple[str, ...] = ("box_x", "box_y", "box_w", "box_h")
@@ -253,7 +253,9 @@ def build_manifest(cfg: DataConfig, out_dir: Path, *, progress: bool = True) -> 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create manifest folder {out_dir}: {exc.strerror or exc}") from None
+        raise file_system_error(exc, out_dir) or ArtifactError(
+            f"cannot create manifest folder {out_dir}: {exc.strerror or exc}"
+        ) from None
     cache_dir = _ensure_cache_dir(out_dir)
     with file_lock(cache_dir / f"build-{cfg.dataset}"):
         return _build(cfg, out_dir, cache_dir, progress)
