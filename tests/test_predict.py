@@ -88,12 +88,35 @@ def test_cli_predict_exit_codes(run_dir: Path, tmp_path: Path, capsys: pytest.Ca
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 truncated")
-    assert main(["predict", images[0], str(broken), "--run", str(run_dir)]) == 1
+    assert main(["predict", images[0], str(broken), "--run", str(run_dir)]) == 3  # data: one image failed
     captured = capsys.readouterr()
     err_lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(err_lines) == 1 and "broken.jpg" in err_lines[0]
     assert "#1" in captured.out  # the rich table on stdout
 
-    assert main(["predict", str(broken), "--run", str(run_dir)]) == 2
-    assert main(["predict", images[0], "--run", str(tmp_path / "no-such-run")]) == 2
+    assert main(["predict", str(broken), "--run", str(run_dir)]) == 3
+    assert main(["predict", images[0], "--run", str(tmp_path / "no-such-run")]) == 6  # artifacts
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_predict_names_the_right_reason(run_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A file given as --run, a folder given as an image, and --top-k above the class count (issue 14)."""
+    from mpafer.cli import main
+
+    image = str(_two_images()[0])
+    assert main(["predict", image, "--run", image]) == 6
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {image} is a file, not a run directory (give the folder of a finished training, " \
+                  "which holds config.json and prompts.safetensors)", err
+
+    assert main(["predict", str(tmp_path), "--run", str(run_dir)]) == 3
+    assert "it is a folder, not an image file" in capsys.readouterr().err
+
+    assert main(["predict", image, "--run", str(run_dir), "--top-k", "99"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"note: --top-k 99 is more than the run's {len(CLASSES)} classes; showing all " \
+                                   f"{len(CLASSES)}"
+    header = next(line for line in captured.out.splitlines() if "#1" in line)
+    assert f"#{len(CLASSES)}" in header and f"#{len(CLASSES) + 1}" not in header, "no empty columns"
+    assert "%" in captured.out, "the probabilities are shown"

@@ -11,7 +11,7 @@ import typer
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, emit, out
 from mpafer.config import TrainConfig
-from mpafer.errors import ConfigError, DataError
+from mpafer.errors import EXIT_DATA, ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
 _SET_HELP = "Override a config field, e.g. --set train.epochs=5 (repeatable)."
@@ -116,7 +116,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: the run's)."),
 ) -> None:
-    """Top-k facial expressions with probabilities. Exit 0: all predicted; 1: some failed; 2: none / bad run."""
+    """Top-k facial expressions with probabilities. Exit 0: all predicted; 3: an image could not be read (the
+    others are still printed); 6: the run directory is not a usable run."""
     from rich.table import Table
 
     from mpafer.train import predict as predict_images
@@ -125,6 +126,10 @@ def predict(
     if device is not None and device not in devices:
         raise DataError(f"--device must be {' or '.join(devices)}, got {device!r}")
     preds = predict_images(run, images, top_k=top_k, device=device)
+    shown = max((len(p.top) for p in preds), default=top_k)
+    if preds and any(p.ok for p in preds) and shown < top_k:
+        emit(f"note: --top-k {top_k} is more than the run's {shown} classes; showing all {shown}", console)
+        top_k = shown
     failed = [p for p in preds if not p.ok]
     for p in failed:
         emit(f"error: {p.error}", console)
@@ -145,4 +150,4 @@ def predict(
     if not good:
         raise DataError(f"no image could be predicted ({len(failed)} failed)")
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_DATA)

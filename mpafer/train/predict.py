@@ -25,7 +25,7 @@ import torch
 
 from mpafer.artifacts import atomic_path
 from mpafer.config import Config, ModelConfig, build_config
-from mpafer.errors import ArtifactError, MpaferError
+from mpafer.errors import ArtifactError, DataError, MpaferError
 from mpafer.runtime import Precision, autocast, resolve_amp, train_device
 from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE
 
@@ -158,6 +158,11 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     from mpafer.train.export import ExportedRun, read_export
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArtifactError(
+            f"{run_dir} is a file, not a run directory (give the folder of a finished training, which holds "
+            "config.json and prompts.safetensors)"
+        )
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory not found: {run_dir}")
     exported: ExportedRun | None = read_export(run_dir)
@@ -238,8 +243,10 @@ class Prediction:
 def _load_one(path: Path, transform: Any) -> torch.Tensor:
     from mpafer.data.images import load_image
 
-    if not path.is_file():
-        raise MpaferError(f"cannot read image {path}: no such file")
+    if path.is_dir():
+        raise DataError(f"cannot read image {path}: it is a folder, not an image file")
+    if not path.exists():
+        raise DataError(f"cannot read image {path}: no such file")
     return transform(load_image(path))
 
 
