@@ -6,9 +6,12 @@ model forbids unknown fields, so a typo fails before any work starts, naming the
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,8 +46,45 @@ Variant = Literal[
 ]
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an HTTP(S) server's base URL (``None`` when it can): scheme, host, IP literal
+    and port are checked the way the HTTP client will read them, so a typo fails before any work starts."""
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+    except ValueError:  # urllib's "Invalid IPv6 URL"
+        return "an IPv6 address opened with [ is not closed with ]"
+    if parts.scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
+    if not host:
+        return "it names no host"
+    try:
+        port = parts.port
+    except ValueError:
+        raw = parts.netloc.rpartition(":")[2]
+        return f"port {raw} is not a number from 1 to 65535"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port {port} is not a number from 1 to 65535"
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return f"[{host}] is not an IPv6 address"
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host} is not an IPv4 address"
+    elif not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?", host):
+        return f"{host!r} is not a host name"
+    return None
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # ``allow_inf_nan=False``: ``lr: .inf`` or ``nan`` (YAML) is refused up front, naming the field,
+    # instead of training to a model whose every prompt value is inf.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Model):
@@ -98,8 +138,10 @@ class LLMConfig(_Model):
     #: ``cached`` uses the committed description file only (no network); otherwise the model name.
     model: str = "cached"
     base_url: str | None = None
-    #: Name of the environment variable holding the API key (never the key itself).
-    api_key_env: str = "OPENAI_API_KEY"
+    #: Name of the environment variable holding the API key (never the key itself); ``auto`` = the variable
+    #: the operator allows for the server's host (``MPAFER_LLM_KEYS``), none for other hosts; ``none`` = no key.
+    #: A key is only ever sent to a host the operator allows for its variable (docs/LLM.md).
+    api_key_env: str = "auto"
     temperature: float = Field(0.2, ge=0.0, le=2.0)
     seed: int | None = 0
     max_tokens: int = Field(800, ge=16)
@@ -120,6 +162,26 @@ class LLMConfig(_Model):
     descriptions_file: Path = Path("prompts_cache/curated.json")
     #: diskcache folder for LLM responses (relative to the project folder).
     cache_dir: Path = Path("cache/llm")
+
+    #: Accept the same description for different classes (normally refused: it carries no class knowledge).
+    allow_shared_descriptions: bool = False
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        problem = url_problem(v)
+        if problem:
+            raise ValueError(f"{v!r} is not a usable server URL: {problem}")
+        return v.strip()
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if v not in ("auto", "none") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name (or auto / none)")
+        return v
 
     @field_validator("question", "extra_questions")
     @classmethod
@@ -264,6 +326,18 @@ class TrainConfig(_Model):
     #: ``seeds`` unset (``mpafer.train.seeds.seed_config``), so ``seeds`` keys the stage, not a run.
     SEED_LOOP_FIELDS: ClassVar[frozenset[str]] = frozenset({"seeds"})
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one seed, or leave train.seeds unset")
+            repeated = sorted({s for s in v if v.count(s) > 1})
+            if repeated:
+                # A repeated seed is the same run twice: its std of 0 would pass for a measured spread.
+                raise ValueError(f"seeds must be distinct; repeated: {', '.join(map(str, repeated))}")
+        return v
+
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
         if self.epochs and self.warmup_epochs > self.epochs:
@@ -323,6 +397,8 @@ def _format_validation_error(exc: ValidationError) -> str:
             msg = f"invalid value {err.get('input')!r}; allowed: {ctx['expected']}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "invalid config: " + "; ".join(parts)
 

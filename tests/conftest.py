@@ -29,5 +29,6 @@ except ImportError:  # pragma: no cover
 
 @pytest.fixture(autouse=True)
 def _no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see a real API key from the environment."""
+    """Tests never see a real API key, nor the operator's key table (``MPAFER_LLM_KEYS``), from the environment."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("MPAFER_LLM_KEYS", raising=False)

@@ -15,6 +15,12 @@ first canonical class name found in its first user message. Behaviours are scrip
 - ``unauthorized``: HTTP 401
 - ``long``: descriptions too long for CLIP's 77 tokens
 - ``duplicates``: descriptions with case-variant duplicates and empty items
+- ``too_few``: one description (of the class) where five were asked
+- ``placeholder``: the same single placeholder description for every class (a degenerate test server)
+- ``unavailable``: HTTP 503 with ``retry-after: <retry_after_s>`` (seconds, as the header allows)
+- ``html``, ``not_chat``, ``null``: HTTP 200 that is not a chat completion: a web UI's HTML page,
+  ``{"foo": 1}``, JSON ``null``
+- ``trickle``: a valid answer sent one byte every ``trickle_s`` seconds (defeats per-read timeouts)
 
 Every request is recorded (model, class, first user message, response format, Authorization header).
 """
@@ -42,7 +48,20 @@ BEHAVIOURS = (
     "unauthorized",
     "long",
     "duplicates",
+    "too_few",
+    "placeholder",
+    "unavailable",
+    "html",
+    "not_chat",
+    "null",
+    "trickle",
 )
+#: Bodies of the behaviours that answer 200 with something that is not a chat completion.
+NOT_CHAT = {
+    "html": ("text/html; charset=utf-8", b"<!doctype html><html><head><title>Open WebUI</title></head></html>"),
+    "not_chat": ("application/json", b'{"foo": 1}'),
+    "null": ("application/json", b"null"),
+}
 
 
 @dataclass
@@ -63,13 +82,17 @@ class Recorded:
     authorization: str | None
     behaviour: str
     body: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: ``time.monotonic()`` when the request arrived (to check the pauses between retries).
+    at: float = field(default_factory=time.monotonic)
 
 
 class FakeLLMServer:
     """Start with :meth:`start` (or as a context manager); ``url`` is the OpenAI-style base URL."""
 
-    def __init__(self, slow_s: float = 1.0) -> None:
+    def __init__(self, slow_s: float = 1.0, trickle_s: float = 1.0, retry_after_s: int = 1) -> None:
         self.slow_s = slow_s
+        self.trickle_s = trickle_s
+        self.retry_after_s = retry_after_s
         self.rules: list[Rule] = []
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
@@ -174,6 +197,10 @@ def descriptions_for(model: str, class_name: str | None, behaviour: str = "ok", 
         return [f"{filler} variant {j}" for j in range(2)]
     if behaviour == "duplicates":
         return [f"Brows raised for {c}.", f"  brows RAISED for {c}  ", "", "   ", f"- mouth open for {c}"]
+    if behaviour == "too_few":
+        return [f"{model} only feature of {c}"]
+    if behaviour == "placeholder":
+        return ["This is a placeholder description."]
     return [f"{model} visible feature {i} of {c}: brows, eyes and mouth shape" for i in range(1, n + 1)]
 
 
@@ -197,16 +224,29 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
             pass
 
-        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(payload).encode()
+        def _send(
+            self,
+            status: int,
+            payload: Any,
+            headers: dict[str, str] | None = None,
+            content_type: str = "application/json",
+            trickle_s: float = 0.0,
+        ) -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             try:
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                if not trickle_s:
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):  # one byte at a time: every read returns quickly
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(trickle_s)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                 pass
 
@@ -271,6 +311,14 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                     retry_fast,
                 )
                 return
+            if behaviour == "unavailable":
+                self._error(503, "The server is overloaded.", "server_error", None,
+                            {"retry-after": str(server.retry_after_s)})
+                return
+            if behaviour in NOT_CHAT:
+                content_type, data = NOT_CHAT[behaviour]
+                self._send(200, data, content_type=content_type)
+                return
             if behaviour == "reject_json_schema" and rf_type == "json_schema":
                 self._error(
                     400,
@@ -307,6 +355,7 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                     ],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
                 },
+                trickle_s=server.trickle_s if behaviour == "trickle" else 0.0,
             )
 
     return Handler

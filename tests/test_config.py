@@ -194,3 +194,80 @@ def test_cli_invalid_config_is_one_line_exit_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error:") and "model.variant" in err[0]
+
+
+def _float_fields(model: type, prefix: str = "") -> list[str]:
+    """Dotted names of every float field (``float`` or ``float | None``) of ``model`` and its groups."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        args = typing.get_args(ann) or (ann,)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _float_fields(ann, f"{prefix}{name}.")
+        elif float in args:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+FLOAT_FIELDS = _float_fields(Config)
+
+
+def test_every_float_field_is_found() -> None:
+    assert {"train.lr", "train.warmup_lr", "train.weight_decay", "llm.temperature", "model.tau_cls",
+            "data.val_fraction", "train.grad_clip"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "1e400"])
+def test_non_finite_values_are_refused_naming_the_field(field: str, value: str) -> None:
+    """``lr: inf`` used to train to a model whose every prompt value was inf, and exit 0 (issue 14, item 3)."""
+    with pytest.raises(ConfigError, match=rf"invalid config: {field}: "):
+        load_config(None, [f"{field}={value}"])
+
+
+def test_non_finite_value_on_the_command_line_is_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["manifest", "--root", str(tmp_path), "--set", "train.lr=inf"]) == 2
+    assert capsys.readouterr().err.strip() == "error: invalid config: train.lr: Input should be a finite number"
+
+
+@pytest.mark.parametrize(("seeds", "ok"), [("[1,2,3]", True), ("[1,1]", False), ("[3,1,3,1]", False), ("[]", False)])
+def test_seeds_must_be_distinct(seeds: str, ok: bool) -> None:
+    if ok:
+        assert load_config(None, [f"train.seeds={seeds}"]).train.seeds == [1, 2, 3]
+    else:
+        with pytest.raises(ConfigError, match=r"train.seeds: (seeds must be distinct; repeated: 1|give at least)"):
+            load_config(None, [f"train.seeds={seeds}"])
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("http://localhost:11434/v1", True), ("https://my-resource.openai.azure.com/openai/v1/", True),
+    ("http://[::1]:8000/v1", True), ("http://10.0.0.7:8000/v1", True), ("https://api.openai.com/v1", True),
+    ("http://[::1", False), ("http://256.256.256.256/v1", False), ("http://127.0.0.1:99999/v1", False),
+    ("http://127.0.0.1:0/v1", False), ("http://h:port/v1", False), ("localhost:8000", False),
+    ("http:///v1", False), ("http://a b/v1", False), ("http://[1.2.3.4]/v1", False),
+])
+def test_base_url_is_validated(url: str, ok: bool) -> None:
+    if ok:
+        assert load_config(None, [f"llm.base_url={url}"]).llm.base_url == url
+    else:
+        with pytest.raises(ConfigError, match=r"llm.base_url: .* is not a usable server URL: "):
+            load_config(None, [f"llm.base_url={url}"])
+
+
+def test_port_out_of_range_is_reported_with_its_port() -> None:
+    with pytest.raises(ConfigError, match="port 99999 is not a number from 1 to 65535"):
+        load_config(None, ["llm.base_url=http://127.0.0.1:99999/v1"])
+
+
+@pytest.mark.parametrize(("name", "ok"), [("auto", True), ("none", True), ("VLLM_API_KEY", True),
+                                          ("A-B", False), ("1KEY", False), ("$HOME", False)])
+def test_api_key_env_must_name_a_variable(name: str, ok: bool) -> None:
+    if ok:
+        assert load_config(None, [f"llm.api_key_env={name}"]).llm.api_key_env == name
+    else:
+        with pytest.raises(ConfigError, match="llm.api_key_env"):
+            load_config(None, [f"llm.api_key_env={name}"])

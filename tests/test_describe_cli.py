@@ -1,4 +1,5 @@
-"""``mpafer describe``: output and, for every failure, exit code 2 with one clear stderr line."""
+"""``mpafer describe``: output and, for every failure, one clear stderr line and the exit code of its class
+(4 for the LLM and network, 2 for configuration)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from mpafer.resources import CURATED_DESCRIPTIONS  # noqa: E402
 
 SECRET = "sk-test-SECRET-123"
 KEY_ENV = "MPAFER_TEST_LLM_KEY"
+
+
+@pytest.fixture(autouse=True)
+def operator_allows_test_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's setting: the test key variable may go to the test server's host (any port)."""
+    monkeypatch.setenv("MPAFER_LLM_KEYS", f"{KEY_ENV}=127.0.0.1")
 
 
 @pytest.fixture
@@ -107,7 +114,7 @@ def test_describe_failures_are_one_line(
     monkeypatch.setenv(KEY_ENV, SECRET)
     server.plan(behaviour)
     code, out, err = run(capsys, *base_args(tmp_path, server.url, *extra))
-    assert code == 2 and out == ""
+    assert code == 4 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert expected in err, err
     assert SECRET not in err
@@ -122,11 +129,15 @@ def test_describe_unreachable_names_the_url(capsys: pytest.CaptureFixture[str], 
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     code, _, err = run(capsys, *base_args(tmp_path, url, "--set", "llm.max_retries=0"))
-    assert code == 2 and len(err.splitlines()) == 1
+    assert code == 4 and len(err.splitlines()) == 1
     assert f"cannot reach the LLM server at {url}" in err
 
 
-def test_describe_missing_key_for_openai(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_describe_missing_key_for_openai(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MPAFER_LLM_KEYS")  # the default table: OPENAI_API_KEY for api.openai.com
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, _, err = run(
         capsys,
         "--classes",
@@ -138,7 +149,7 @@ def test_describe_missing_key_for_openai(capsys: pytest.CaptureFixture[str], tmp
         "--cache-dir",
         str(tmp_path / "c"),
     )
-    assert code == 2 and len(err.splitlines()) == 1
+    assert code == 4 and len(err.splitlines()) == 1
     assert "OPENAI_API_KEY is not set" in err and "https://api.openai.com/v1" in err
 
 

@@ -28,6 +28,12 @@ RAFDB = CLASS_SETS["rafdb"]
 EXTRA_Q = "Which facial muscles move in the expression of {class_name}?"
 
 
+@pytest.fixture(autouse=True)
+def operator_allows_test_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's setting: the test key variable may go to the test server's host (any port)."""
+    monkeypatch.setenv("MPAFER_LLM_KEYS", f"{KEY_ENV}=127.0.0.1")
+
+
 @pytest.fixture
 def server() -> Iterator[FakeLLMServer]:
     with FakeLLMServer(slow_s=1.0) as s:
@@ -182,7 +188,8 @@ def test_invalid_json_after_reasks_fails(server: FakeLLMServer, tmp_path: Path) 
 
 def test_long_descriptions_are_kept_and_flagged(server: FakeLLMServer, tmp_path: Path) -> None:
     server.plan("long", class_name="fear")
-    result = get_descriptions(["fear", "anger"], llm_for(server), tmp_path / "o", tmp_path / "c")
+    llm = llm_for(server, n_descriptions=2)  # the "long" answer holds two descriptions
+    result = get_descriptions(["fear", "anger"], llm, tmp_path / "o", tmp_path / "c")
     desc = load_descriptions(result.path)
     assert len(desc.classes["fear"]) == 2
     assert {f.class_name for f in desc.flags} == {"fear"}
@@ -191,8 +198,8 @@ def test_long_descriptions_are_kept_and_flagged(server: FakeLLMServer, tmp_path:
 
 
 def test_answers_are_cleaned_and_deduplicated(server: FakeLLMServer, tmp_path: Path) -> None:
-    server.plan("duplicates")
-    result = get_descriptions(["fear"], llm_for(server), tmp_path / "o", tmp_path / "c")
+    server.plan("duplicates")  # five items, two distinct after cleaning
+    result = get_descriptions(["fear"], llm_for(server, n_descriptions=2), tmp_path / "o", tmp_path / "c")
     assert load_descriptions(result.path).classes["fear"] == ["Brows raised for fear", "mouth open for fear"]
 
 

@@ -4,8 +4,11 @@ Structured output goes through ``client.chat.completions.parse(response_format=L
 schema). A server that rejects ``json_schema`` (HTTP 400 naming response_format/json_schema) is asked
 again with a JSON-only system instruction, its reply parsed with ``json.loads`` and validated by the same
 pydantic model, re-asking up to ``max_reasks`` times with the validation error. Transient failures
-(429, 5xx, timeouts, connection errors) are retried by the client itself, ``max_retries`` times. Every
-failure becomes one :class:`LLMError` line that never contains the API key.
+(429, 5xx, timeouts, connection errors) are retried by the client itself, ``max_retries`` times, honouring
+``Retry-After``. Under it, :class:`~mpafer.describe.http.GuardedHttpClient` bounds each request as a whole
+by ``timeout_s`` and refuses answers that are not chat completions. The key is sent only where the operator
+allows (:mod:`mpafer.describe.keys`). Every failure becomes one :class:`LLMError` line that never contains
+the API key.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import pydantic
 from openai import OpenAI
 
 from mpafer.config import LLMConfig
+from mpafer.describe.http import GuardedHttpClient, NotChatAPIError
+from mpafer.describe.keys import KEYS_ENV, key_variable
 from mpafer.describe.schema import LLMAnswer
 from mpafer.errors import LLMError
 
@@ -83,18 +88,29 @@ def _uses_max_completion_tokens(url: str) -> bool:
     return needs_api_key(url)
 
 
-def resolve_api_key(llm: LLMConfig) -> str:
-    """The key from ``os.environ[llm.api_key_env]``; a dummy for local servers; error for OpenAI/Azure."""
-    key = os.environ.get(llm.api_key_env, "").strip()
-    if key:
-        return key
+def resolve_api_key(llm: LLMConfig) -> tuple[str, str | None]:
+    """``(key, variable)``: the key from the variable the operator allows for the server's host
+    (:mod:`mpafer.describe.keys`), or a placeholder and ``None`` when no key may or need be sent.
+
+    Raises :class:`ConfigError` when the run names a variable the operator does not allow for that host,
+    :class:`LLMError` when OpenAI's or Azure's host gets no key.
+    """
     url = effective_base_url(llm)
+    variable = key_variable(url, llm.api_key_env)
+    key = os.environ.get(variable, "").strip() if variable else ""
+    if key:
+        return key, variable
     if needs_api_key(url):
+        if variable is None:
+            raise LLMError(
+                f"no API key may be sent to {display_url(url)}: the operator allows no variable for this host "
+                f"({KEYS_ENV}), or llm.api_key_env is none"
+            )
         raise LLMError(
-            f"the environment variable {llm.api_key_env} is not set; it must hold the API key for "
+            f"the environment variable {variable} is not set; it must hold the API key for "
             f"{display_url(url)} (or choose another variable with llm.api_key_env / --api-key-env)"
         )
-    return DUMMY_API_KEY
+    return DUMMY_API_KEY, variable
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -147,6 +163,8 @@ class DescriptionClient:
         self.base_url = effective_base_url(llm)
         self.host = server_host(self.base_url)
         self._api_key: str | None = None
+        #: The environment variable the key came from (``None``: no key is sent).
+        self.key_env: str | None = None
         self._client_override = openai_client
         self._openai_client: OpenAI | None = None
         #: Requests sent (fallbacks and re-asks included; the client's own transient retries are not).
@@ -160,12 +178,13 @@ class DescriptionClient:
     def _client(self) -> OpenAI:
         """The ``openai`` client, created (and the API key resolved) on the first request."""
         if self._openai_client is None:
-            self._api_key = resolve_api_key(self.llm)
+            self._api_key, self.key_env = resolve_api_key(self.llm)
             self._openai_client = self._client_override or OpenAI(
                 api_key=self._api_key,
                 base_url=self.base_url,
                 timeout=self.llm.timeout_s,
                 max_retries=self.llm.max_retries,
+                http_client=GuardedHttpClient(deadline_s=self.llm.timeout_s),
             )
         return self._openai_client
 
@@ -343,18 +362,28 @@ class DescriptionClient:
             raise self._truncated(label) from None
         except openai.ContentFilterFinishReasonError:
             raise self._filtered(label) from None
+        except NotChatAPIError as exc:
+            raise LLMError(
+                f"the server at {url} did not answer as an OpenAI-compatible chat-completions API (it sent "
+                f"{self._redact(exc.what)}); check llm.base_url (the API's base URL, usually ending in /v1)"
+            ) from None
         except openai.AuthenticationError as exc:
-            key_state = (
-                "is not set" if self._api_key in (None, DUMMY_API_KEY) else "holds a key the server rejected"
-            )
+            if self.key_env is None:
+                key_state = (
+                    f"no key was sent: the operator allows none for this host ({KEYS_ENV}, docs/LLM.md)"
+                )
+            elif self._api_key in (None, DUMMY_API_KEY):
+                key_state = f"the environment variable {self.key_env} is not set"
+            else:
+                key_state = f"the environment variable {self.key_env} holds a key the server rejected"
             raise LLMError(
                 f"the LLM server at {url} refused the API key (HTTP 401: {self._server_message(exc)}); "
-                f"the environment variable {llm.api_key_env} {key_state}"
+                f"{key_state}"
             ) from None
         except openai.PermissionDeniedError as exc:
             raise LLMError(
                 f"the LLM server at {url} denied access to model {llm.model!r} (HTTP 403: "
-                f"{self._server_message(exc)}); check the key in {llm.api_key_env}"
+                f"{self._server_message(exc)}); check the key in {self.key_env or 'the environment'}"
             ) from None
         except openai.NotFoundError as exc:
             raise LLMError(

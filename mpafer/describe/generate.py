@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -44,6 +45,12 @@ USER_TEMPLATE = (
     "cheeks and mouth). Each phrase must read naturally after the words "
     '"a photo of a person making a facial expression of {class_name},". '
     "Do not repeat the name of the expression and do not number the phrases."
+)
+
+#: Sent when an answer held fewer distinct descriptions than asked for.
+MORE_INSTRUCTION = (
+    "That gave {got} distinct descriptions; {n} are needed. Reply with {missing} more, different from the "
+    'ones above, as the JSON object {{"descriptions": ["...", "..."]}} and nothing else.'
 )
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d{1,2}[.)])\s+")
@@ -220,6 +227,8 @@ def get_descriptions(
             with ResponseCache(cache_dir) as cache:
                 by_question, modes_used, n_cached = _ask_all(client, cache, classes, questions, llm, progress)
             merged = {c: merge_descriptions([by_question[q][c] for q in questions]) for c in classes}
+            if not llm.allow_shared_descriptions:
+                check_distinct(merged, llm.model)
             doc = Descriptions(
                 classes=merged,
                 by_question=by_question,
@@ -247,6 +256,55 @@ def get_descriptions(
             return DescribeResult(final, client.n_requests, n_cached)
     finally:
         client.close()
+
+
+def _ask_enough(
+    client: DescriptionClient, messages: list[dict[str, str]], label: str, llm: LLMConfig
+) -> tuple[list[str], Mode]:
+    """``llm.n_descriptions`` distinct descriptions for one request: an answer with fewer is followed up
+    (up to ``llm.max_reasks`` times) asking for the missing ones; still too few raises :class:`LLMError`."""
+    n = llm.n_descriptions
+    answer, mode = client.ask(messages, label)
+    descs = clean_answer(answer.descriptions, n)
+    convo = list(messages)
+    for _ in range(llm.max_reasks):
+        if len(descs) >= n:
+            break
+        convo += [
+            {"role": "assistant", "content": json.dumps({"descriptions": descs})},
+            {"role": "user", "content": MORE_INSTRUCTION.format(got=len(descs), n=n, missing=n - len(descs))},
+        ]
+        answer, mode = client.ask(convo, label)
+        descs = merge_descriptions([descs, answer.descriptions])[:n]
+    if len(descs) < n:
+        raise LLMError(
+            f"model {llm.model!r} gave only {len(descs)} distinct description{'s' if len(descs) != 1 else ''} "
+            f"for {label} ({n} asked, {llm.max_reasks} follow-up{'s' if llm.max_reasks != 1 else ''}); use "
+            "another model or lower llm.n_descriptions"
+        )
+    return descs, mode
+
+
+def check_distinct(classes: dict[str, list[str]], model: str) -> None:
+    """Refuse descriptions shared by different classes: a fine prompt that differs only by the class name
+    carries no knowledge about the class (e.g. a test server answering one placeholder for every class)."""
+    owners: dict[str, list[str]] = {}
+    text_of: dict[str, str] = {}
+    for class_name, descs in classes.items():
+        for d in descs:
+            key = d.casefold()
+            text_of.setdefault(key, d)
+            if class_name not in owners.setdefault(key, []):
+                owners[key].append(class_name)
+    shared = [(key, names) for key, names in owners.items() if len(names) > 1]
+    if shared:
+        key, names = max(shared, key=lambda item: len(item[1]))
+        more = f" (and {len(shared) - 1} more shared descriptions)" if len(shared) > 1 else ""
+        raise LLMError(
+            f"model {model!r} gave the same description to classes {', '.join(names)}: {text_of[key]!r}{more}; "
+            "descriptions must tell the classes apart: use another model or llm.seed, or set "
+            "llm.allow_shared_descriptions=true to accept them"
+        )
 
 
 def _ask_all(
@@ -285,10 +343,7 @@ def _ask_all(
             else:
                 label = f"class {class_name!r}" + (f" (question {q_index + 1})" if len(questions) > 1 else "")
                 try:
-                    answer, mode = client.ask(messages, label)
-                    descs = clean_answer(answer.descriptions, llm.n_descriptions)
-                    if not descs:
-                        raise LLMError(f"model {llm.model!r} gave only empty descriptions for {label}")
+                    descs, mode = _ask_enough(client, messages, label, llm)
                 except LLMError as exc:
                     if not done:
                         raise
