@@ -265,7 +265,6 @@ def test_mpa_logits_are_global_plus_topk_local_over_tau(env: dict[str, Any]) -> 
     tau = 1.0 / float(env["backbone"].model.logit_scale.exp())
     assert model.tau_cls == pytest.approx(tau)
     torch.testing.assert_close(out.logits, expected / tau, rtol=1e-4, atol=1e-4)
-    assert _build(env, variant="mpa", topk=100).topk == 16  # k = min(topk, n_patches)
     assert _build(env, variant="mpa", tau_cls=0.5).tau_cls == 0.5
 
 
@@ -383,3 +382,15 @@ def test_forward_traces_as_one_graph(env: dict[str, Any]) -> None:
     torch.testing.assert_close(loss, step(env["images"], env["labels"]), rtol=1e-5, atol=1e-5)
     assert model.image.prompts is not None and model.image.prompts.grad is not None
     assert time.perf_counter() - t0 < 60
+
+
+def test_topk_above_the_patch_count_is_refused_not_clamped(env: dict[str, Any]) -> None:
+    """``model.topk`` used to be clamped silently to the patch count, so the run did not use the k it
+    recorded (issue 14, item 11); the variants without CGLA do not use k and accept any."""
+    from mpafer.errors import ConfigError
+
+    n = _build(env, variant="mpa", topk=1).image.n_patches
+    assert _build(env, variant="mpa", topk=n).topk == n
+    with pytest.raises(ConfigError, match=rf"model.topk={n + 1} exceeds the {n} image patches of this CLIP"):
+        _build(env, variant="mpa", topk=n + 1)
+    assert _build(env, variant="coop", topk=n + 1) is not None

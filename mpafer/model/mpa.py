@@ -20,7 +20,7 @@ Without text prompts (``zeroshot``, ``vpt``) the classifier weights are the froz
 targets θ(t_c*) (``targets.class_targets``, docs/METHOD.md §2), so both baselines need ``targets``.
 
 Scores: ``S_g(x, c) = cos(z^g, θ(t_c))``; with CGLA ``S_l(x, c)`` = mean of the top-k (per class) of
-``cos(z_i^l, θ(t_c))`` over the patches i, ``k = min(cfg.topk, n_patches)``, and ``s = S_g + S_l``;
+``cos(z_i^l, θ(t_c))`` over the patches i, ``k = cfg.topk`` (at most n_patches), and ``s = S_g + S_l``;
 ``logits = s / tau_cls`` with ``tau_cls = cfg.tau_cls`` or ``1 / exp(frozen logit_scale)``.
 
 Precision: the frozen CLIP stays in the dtype it was given; prompts are float32 parameters cast to the
@@ -165,7 +165,10 @@ class MPAFER(nn.Module):
             local_features=cfg.local_features,
             return_local=self.use_cgla,
         )
-        self.topk = min(cfg.topk, self.image.n_patches)
+        if self.use_cgla and cfg.topk > self.image.n_patches:  # refused, not clamped: k is part of the method
+            raise ConfigError(f"model.topk={cfg.topk} exceeds the {self.image.n_patches} image patches of this CLIP; "
+                              f"choose model.topk <= {self.image.n_patches}")
+        self.topk = cfg.topk
 
         # Classification temperature ----------------------------------------------------------------
         if cfg.tau_cls is not None:
