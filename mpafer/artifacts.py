@@ -50,7 +50,9 @@ def content_key(*parts: Any) -> str:
     h.update(PIPELINE_VERSION.encode())
     for part in parts:
         h.update(b"\x00")
-        h.update(canonical_json(part).encode())
+        # ``surrogatepass``: a file name that is not UTF-8 (a lone surrogate after ``os.fsdecode``) still has
+        # a key; every other text encodes exactly as before, so no existing key changes.
+        h.update(canonical_json(part).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -76,16 +78,36 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status`` on Linux; elsewhere set and
+    restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success fsync it and rename it into place.
 
+    The file gets the mode of a newly created file (0666 minus the umask), not ``mkstemp``'s 0600: workers
+    running as other users of a shared project folder must be able to read it.
     On any exception the temporary file is removed and ``final`` is left untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp

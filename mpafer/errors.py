@@ -106,6 +106,17 @@ class FileSystemError(ArtifactError):
     folder is needed. Same exit code as :class:`ArtifactError` (both are about the files mpafer keeps)."""
 
 
+class SpecialFileError(OSError):
+    """A path that must be read is not a regular file (a FIFO, device, socket, folder) or is too large.
+
+    An ``OSError`` (``strerror`` says why), so that every ``except OSError`` reading a user's file reports it
+    the way it reports a missing or unreadable one; see :mod:`mpafer.fileio`.
+    """
+
+    def __init__(self, reason: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.EINVAL, reason, os.fspath(path))
+
+
 #: What to do about an ``OSError``, by errno (the path is named before it).
 _OS_ADVICE: dict[int, str] = {
     errno.ENOSPC: "no space left on the device; free some space (or point pipeline.project_dir at another "
@@ -139,6 +150,8 @@ def file_system_error(exc: BaseException, path: str | os.PathLike[str] | None = 
             return FileSystemError(f"cannot write the SQLite database{where} ({exc}); free space or make its "
                                    "folder writable, then rerun")
         return None
+    if isinstance(exc, SpecialFileError):
+        return FileSystemError(f"{_name(exc.filename)}: {exc.strerror}")
     if not isinstance(exc, OSError) or exc.errno not in _OS_ADVICE:
         return None
     name = exc.filename if exc.filename is not None else path

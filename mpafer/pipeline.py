@@ -63,6 +63,7 @@ from mpafer.artifacts import (
 )
 from mpafer.config import Config, StageName
 from mpafer.errors import ArtifactError, ConfigError, DataError
+from mpafer.fileio import walk_tree
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +246,11 @@ def source_fingerprint(cfg: Config) -> str:
         entries += _listed_files(root)
     elif root.is_dir():
         skip = _skipped_dirs(cfg, root)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d) not in skip)
+        for here, filenames in walk_tree(root, skip_dir=lambda d: d in skip):  # a symlink loop: one line
             for name in filenames:
-                if name.startswith("."):
-                    continue
                 try:
                     st = (here / name).stat()
-                except FileNotFoundError:  # vanished while walking
+                except OSError:  # vanished while walking, or a dangling link: the manifest step reports it
                     continue
                 entries.append(((here / name).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
     else:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +85,8 @@ ALLOWED = {
     ("mpafer/data/bench.py", 'open(images / sub, "wb")'): "as above",
     ("mpafer/data/bench.py", ").save("): "in-memory JPEG (BytesIO), not a file",
     ("mpafer/serve.py", "path.write_bytes(data)"): "an uploaded image in a TemporaryDirectory removed after the request",
+    ("mpafer/cli/__init__.py", 'os.fdopen(fd, "w"'): "the traceback of a bug, in a fresh temp file (mkstemp); "
+    "not an artifact, nothing reads it back",
 }
 
 
@@ -256,3 +260,25 @@ def test_damaged_artifact_under_final_name_is_detected_and_rebuilt(tmp_path: Pat
     assert again["executed"][0] == "describe" and "manifest" not in again["executed"]
     assert json.loads(desc.read_text())["classes"].keys() == {"neutral", "happiness", "sadness"}
     assert llm.count(model="fake-reliability") == n_requests
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_artifact_modes_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Workers running as other users of a shared project folder must read each other's artifacts: every
+    artifact used to be 0600 (mkstemp's mode) whatever the umask (issue 14, item 11)."""
+    import pyarrow as pa
+    from datasets_fixtures import make_folder
+
+    from mpafer.artifacts import atomic_write_json, write_parquet
+    from mpafer.config import DataConfig
+    from mpafer.data.manifest import build_manifest
+
+    old = os.umask(umask)
+    try:
+        written = [atomic_write_json(tmp_path / "a.json", {"x": 1}),
+                   write_parquet(pa.table({"x": [1]}), tmp_path / "t.parquet", {"kind": "test"}),
+                   build_manifest(DataConfig(root=make_folder(tmp_path / "ds")), tmp_path / "m", progress=False).path]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from mpafer.errors import DataError
+from mpafer.fileio import MAX_IMAGE_BYTES, open_regular
 
 if TYPE_CHECKING:
     from mpafer.config import TrainConfig
@@ -175,16 +176,21 @@ def clip_transforms(
 
 
 def load_image(path: str | Path, box: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """Open an image fully (decoded now, file closed) as RGB, optionally cropped to ``box`` (x, y, w, h).
+    """Open an image fully (decoded now, file closed) as RGB, turned upright by its EXIF orientation,
+    optionally cropped to ``box`` (x, y, w, h) in the upright image.
 
-    Raises :class:`DataError` naming the file when it cannot be read or decoded.
+    Every image path goes through here (the training loader, the uint8 cache, prototypes, evaluation and
+    ``predict``), so a face stored sideways with an orientation tag is seen the same way everywhere. Only a
+    regular file is opened (a FIFO would block). Raises :class:`DataError` naming the file when it cannot be
+    read or decoded.
     """
     try:
-        with Image.open(path) as im:
+        with open_regular(path, MAX_IMAGE_BYTES) as f, Image.open(f) as im:
             im.load()
-            img = to_rgb(im)
+            img = to_rgb(ImageOps.exif_transpose(im))
     except _READ_ERRORS as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"cannot read image {path}: {reason}") from None
     if box is not None:
         img = crop_box(img, box)
     return img

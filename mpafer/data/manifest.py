@@ -50,7 +50,8 @@ from mpafer.config import DataConfig
 from mpafer.data.adapters import list_dataset
 from mpafer.data.adapters.base import SPLITS, BadRow, Listing, Row
 from mpafer.data.hashing import CACHE_FILE, HashCache, default_workers, hash_files
-from mpafer.errors import ArtifactError, DataError, file_system_error
+from mpafer.errors import ArtifactError, DataError, file_system_error, printable
+from mpafer.fileio import is_utf8_name
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "label_name", "split", "sha256")
 BOX_COLUMNS: tuple[str, ...] = ("box_x", "box_y", "box_w", "box_h")
@@ -264,15 +265,24 @@ def build_manifest(cfg: DataConfig, out_dir: Path, *, progress: bool = True) -> 
 def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> ManifestResult:
     listing: Listing = list_dataset(cfg)
     root = listing.root
+    if not is_utf8_name(str(root)):
+        raise DataError(f"the dataset folder's path {root} is not UTF-8; rename it (or link to it from a UTF-8 path)")
     skip = cfg.on_bad == "skip"
     bad: list[BadRow] = list(listing.bad)
     if bad and not skip:
         raise _fail(bad[0], root, len(bad))
 
-    # The same image listed twice (e.g. a repeated label-file line).
+    # The same image listed twice (e.g. a repeated label-file line); names that are not UTF-8 (archives
+    # made on Windows): a manifest stores UTF-8 paths, so such a file cannot be listed, only named.
     rows: list[Row] = []
     first_at: dict[str, Row] = {}
     for r in listing.rows:
+        if not is_utf8_name(r.path):
+            b = BadRow(printable(r.path), f"{printable(r.path)}: the file name is not UTF-8; rename the file")
+            if not skip:
+                raise _fail(b, root, len(bad) + 1)
+            bad.append(b)
+            continue
         prev = first_at.get(r.path)
         if prev is not None:
             b = BadRow(r.path, f"{r.path} is listed twice ({prev.where()} and {r.where()})")
@@ -297,9 +307,11 @@ def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> M
     del abs_paths
     good: list[tuple[Row, str]] = []
     hash_bad: list[BadRow] = []
+    n_rotated = 0
     for r, chk in zip(rows, checks, strict=True):
         if chk.error is None and chk.sha256 is not None:
             good.append((r, chk.sha256))
+            n_rotated += chk.rotated
             continue
         listed = f" (listed in {r.where()})" if r.line else ""
         hash_bad.append(BadRow(r.path, f"{r.path}: {chk.error}{listed}"))
@@ -329,6 +341,10 @@ def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> M
     # Validation carve-out (only when the dataset has no validation split of its own).
     has_own_val = any(r.split == "val" for r, _ in kept)
     options = dict(listing.options)
+    if n_rotated:
+        # Every reader turns these images upright (EXIF orientation); marking the key keeps features and
+        # runs computed before that rule from being reused for such a dataset.
+        options["exif_orientation"] = "applied"
     val_source = "dataset" if has_own_val else "none"
     if cfg.val_fraction > 0 and not has_own_val:
         _carve_val([r for r, _ in kept], listing.classes, cfg.val_fraction, cfg.val_seed)

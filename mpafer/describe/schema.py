@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mpafer.config import CANONICAL_CLASSES
 from mpafer.errors import ConfigError
+from mpafer.fileio import MAX_TEXT_BYTES, read_regular
 
 #: Version of the descriptions file format.
 DESCRIPTIONS_VERSION = 1
@@ -143,7 +144,7 @@ def load_descriptions(path: str | os.PathLike[str]) -> Descriptions:
     """Read and validate a descriptions file; any problem becomes one :class:`ConfigError` line."""
     p = Path(path)
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = read_regular(p, MAX_TEXT_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"descriptions file not found: {p}") from None
     except UnicodeDecodeError as exc:

@@ -44,6 +44,7 @@ from mpafer.data.adapters.base import (
     short,
 )
 from mpafer.errors import DataError
+from mpafer.fileio import open_regular
 
 ADAPTER_VERSION = "1"
 CLASSES8: list[str] = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt"]
@@ -232,7 +233,7 @@ def _fast_npy_scalar(data: bytes) -> int | str | None:
 def read_expression_npy(path: Path) -> int | str:
     """The expression label stored in an AffectNet ``<id>_exp.npy`` (string or number), or a reason."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, 1 << 20) as f:  # an annotation is a few hundred bytes
             data = f.read(4096)
     except FileNotFoundError:
         return "annotation file not found"

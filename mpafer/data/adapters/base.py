@@ -18,6 +18,7 @@ neither: they are counted in :attr:`Listing.dropped`.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 from mpafer.config import CANONICAL_CLASSES
 from mpafer.errors import DataError
+from mpafer.fileio import MAX_TEXT_BYTES, open_regular, read_regular, special_kind
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -146,9 +148,13 @@ def dataset_root(root: Path | None, dataset: str) -> Path:
 
 
 def require_file(path: Path, what: str) -> Path:
-    """``path`` if it is an existing file, else one-line ``DataError`` naming it."""
+    """``path`` if it is an existing regular file, else one-line ``DataError`` naming it (and what it is)."""
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise DataError(f"{what} not found: {path}") from None
+        raise DataError(f"{what} {path} is {special_kind(mode)}, not a regular file")
     return path
 
 
@@ -191,9 +197,10 @@ def is_plain_name(name: str) -> bool:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (BOM tolerated); unreadable or non-text files raise ``DataError``."""
+    """The lines of a UTF-8 text file (BOM tolerated); unreadable or non-text files (a FIFO or device, one
+    over :data:`~mpafer.fileio.MAX_TEXT_BYTES`) raise ``DataError``."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_TEXT_BYTES)
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
     except OSError as exc:
@@ -203,21 +210,28 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"label file {path} is not UTF-8 text (byte {exc.start})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"label file {path} is not UTF-8 text: line {line} holds byte 0x{data[exc.start]:02x}"
+        ) from None
     return text.splitlines()
 
 
 def iter_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line number, fields)`` of a CSV file; decoding/CSV errors raise ``DataError`` naming the line.
 
-    Blank records are skipped. The line number is that of the record's first line (1-based).
+    Blank records are skipped. The line number is that of the record's first line (1-based). Only a regular
+    file is read (a FIFO or device is refused, never waited on). Bytes that are not UTF-8 are decoded with
+    ``surrogateescape`` and reported with the line of the record that holds them (a strict decoder fails on
+    the buffered block, far from the line).
     """
     try:
-        handle = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed below
+        raw = open_regular(path)
     except FileNotFoundError:
         raise DataError(f"label file not found: {path}") from None
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc.strerror or exc}") from None
+    handle = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
     with handle:
         reader = csv.reader(handle)
         line = 1
@@ -228,12 +242,11 @@ def iter_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
                 return
             except csv.Error as exc:
                 raise DataError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path} is not UTF-8 text near line {reader.line_num + 1} (byte {exc.start})"
-                ) from None
             start, line = line, reader.line_num + 1
             joined = "".join(fields)
+            bad = next((ch for ch in joined if "\udc80" <= ch <= "\udcff"), None)
+            if bad is not None:
+                raise DataError(f"{path} line {start}: not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x})")
             if joined and not joined.isspace():
                 if "\x00" in joined:
                     raise DataError(f"{path} line {start}: malformed CSV (NUL byte)")

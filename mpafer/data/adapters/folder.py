@@ -25,18 +25,19 @@ from mpafer.data.adapters.base import (
     dataset_root,
 )
 from mpafer.errors import DataError
+from mpafer.fileio import walk_tree
 
 ADAPTER_VERSION = "1"
 
 
 def _image_files(folder: Path) -> list[str]:
-    """Image files below ``folder`` as sorted POSIX paths relative to it (hidden entries skipped)."""
+    """Image files below ``folder`` as sorted POSIX paths relative to it (hidden entries skipped; a symlink
+    loop is one ``DataError`` line)."""
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        base = Path(dirpath).relative_to(folder).as_posix()
+    for here, filenames in walk_tree(folder):
+        base = here.relative_to(folder).as_posix()
         for f in filenames:
-            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             found.append(f if base == "." else f"{base}/{f}")
     return sorted(found)

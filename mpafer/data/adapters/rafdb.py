@@ -46,7 +46,7 @@ def list_rafdb(cfg: DataConfig) -> Listing:
             f"RAF-DB root {root} has no basic/EmoLabel folder "
             "(expected <root>/basic/EmoLabel/list_patition_label.txt)"
         )
-    label_file = next((base / "EmoLabel" / n for n in LABEL_FILES if (base / "EmoLabel" / n).is_file()), None)
+    label_file = next((base / "EmoLabel" / n for n in LABEL_FILES if (base / "EmoLabel" / n).exists()), None)
     if label_file is None:
         raise DataError(
             f"RAF-DB label file not found: {base / 'EmoLabel' / LABEL_FILES[0]} (or {LABEL_FILES[1]})"
