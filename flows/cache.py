@@ -6,13 +6,22 @@ reuse its output. The policy also checks the artifact: a cache record must never
 partial file, so when the artifact is gone or invalid while a record for its key exists, the policy
 returns a fresh one-off key and the task runs (rebuilding the artifact at its content-keyed path).
 
-Results are persisted (``persist_result=True``) under ``<project>/<results folder>`` (a local file
-system result storage); the folder is ``prefect_results`` unless the environment
-variable :data:`RESULTS_DIR_ENV` names another one (relative to the project folder, or absolute).
+Results are persisted (``persist_result=True``) under ``<project>/<results folder>``; the folder is
+``prefect_results`` unless the environment variable :data:`RESULTS_DIR_ENV` names another one (relative to
+the project folder, or absolute). They are only paths and keys (:class:`~mpafer.pipeline.StageResult`), so
+they are written as JSON (:data:`RESULT_SERIALIZER`), never pickle: anyone who can write to a shared
+project folder could otherwise make the next run execute their code when it reads a cached result. A
+result record names its own serializer, and Prefect would unpickle a record that says ``pickle`` (or load
+JSON with an object hook it names) whatever the task's setting; :class:`JsonResultStorage` therefore hands
+Prefect only records in exactly the JSON format this module writes, holding only the classes of
+:data:`RESULT_CLASSES`. Anything else reads as missing: a cache miss, the task runs and rewrites the record,
+and its stage reuses its valid artifact (as for a damaged record).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -21,15 +30,21 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+from prefect.serializers import JSONSerializer
 
 from mpafer.config import Config
-from mpafer.pipeline import STAGES, plan_stage, project_dir
+from mpafer.pipeline import STAGES, StageResult, plan_stage, project_dir
 
 #: Environment variable naming the folder of Prefect's persisted results (relative to the project).
 RESULTS_DIR_ENV = "MPAFER_PREFECT_RESULTS_DIR"
 DEFAULT_RESULTS_DIR = "prefect_results"
 #: Prefix of every cache key this policy produces (``<prefix>-<stage>-<content key>``).
 KEY_PREFIX = "mpafer"
+#: How task results are serialized (the tasks' ``result_serializer``).
+RESULT_SERIALIZER = "json"
+#: The only classes a persisted result may hold (Prefect's JSON decoder imports and builds any it names).
+RESULT_CLASSES = frozenset({f"{StageResult.__module__}.{StageResult.__qualname__}"})
 
 
 @dataclass
@@ -62,6 +77,59 @@ class StageCachePolicy(CachePolicy):
         return key
 
 
+def _foreign_objects(value: Any) -> list[str]:
+    """The ``__class__`` / ``__exc_type__`` names in a decoded JSON value that are not :data:`RESULT_CLASSES`."""
+    found: list[str] = []
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if "__exc_type__" in item or ("__class__" in item and item["__class__"] not in RESULT_CLASSES):
+                found.append(str(item.get("__class__", item.get("__exc_type__"))))
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return found
+
+
+def check_result_record(content: bytes, where: str = "result record") -> bytes:
+    """``content`` if it is a result record in exactly the JSON format these tasks write, else ``ValueError``.
+
+    Checked without deserializing anything: the record must be JSON, name Prefect's JSON serializer with its
+    default settings (a record can name any ``jsonlib`` or object hook to be imported and called) and hold
+    only :data:`RESULT_CLASSES`.
+    """
+    try:
+        record = json.loads(content)
+        serializer = record["metadata"]["serializer"]
+        result = json.loads(record["result"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{where} is not a JSON result record ({type(exc).__name__})") from None
+    if serializer != _EXPECTED_SERIALIZER:
+        raise ValueError(f"{where} names another serializer ({str(serializer)[:80]}); refused")
+    foreign = _foreign_objects(result)
+    if foreign:
+        raise ValueError(f"{where} holds objects of classes {foreign[:3]}; refused")
+    return content
+
+
+_EXPECTED_SERIALIZER = JSONSerializer().model_dump(mode="json")
+
+
+class JsonResultStorage(LocalFileSystem):
+    """A local folder that gives Prefect only result records that pass :func:`check_result_record`; any other
+    record reads as missing (Prefect then runs the task and writes a fresh record)."""
+
+    _block_type_name = "mpafer JSON Result Storage"
+
+    async def aread_path(self, path: str) -> bytes:
+        return check_result_record(await super().aread_path(path), path)
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:  # type: ignore[override]
+        # Prefect reads results synchronously here (``_sync=True``) and through ``aread_path`` otherwise.
+        return check_result_record(super().read_path(path, _sync=True), path)
+
+
 def results_dir(cfg: Config) -> Path:
     """The folder holding Prefect's persisted task results for ``cfg``'s project."""
     raw = os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR
@@ -69,9 +137,12 @@ def results_dir(cfg: Config) -> Path:
     return p if p.is_absolute() else project_dir(cfg) / p
 
 
-def result_storage(cfg: Config) -> Path:
-    """:func:`results_dir`, created when missing. Prefect turns a ``Path`` given as ``result_storage`` into
-    a :class:`~prefect.filesystems.LocalFileSystem` rooted there (no saved block needed)."""
+def result_storage(cfg: Config) -> JsonResultStorage:
+    """A :class:`JsonResultStorage` on :func:`results_dir` (created when missing), saved as a block named
+    after the folder (Prefect accepts only saved blocks as a task's result storage)."""
     folder = results_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    block = JsonResultStorage(basepath=str(folder.resolve()))
+    name = "mpafer-results-" + hashlib.sha256(str(folder.resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    block.save(name, overwrite=True)
+    return block

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import Task, task
 
-from flows.cache import StageCachePolicy, result_storage
+from flows.cache import RESULT_SERIALIZER, StageCachePolicy, result_storage
 from mpafer.config import Config
 from mpafer.pipeline import GRAPH, Stage, StageResult
 
@@ -36,7 +36,8 @@ def _run_name(stage: Stage) -> Callable[[dict[str, Any]], str]:
 
 def _task(stage: Stage) -> Task[..., StageResult]:
     return task(name=task_name(stage), cache_policy=StageCachePolicy(stage=stage.name),
-                task_run_name=_run_name(stage), persist_result=True, log_prints=True)(stage.run)
+                task_run_name=_run_name(stage), persist_result=True, result_serializer=RESULT_SERIALIZER,
+                log_prints=True)(stage.run)
 
 
 #: The tasks by stage name.

@@ -2,8 +2,10 @@
 
 Load it from a test module with ``pytest_plugins = ["flows_fixtures"]``. The server is
 ``prefect server start`` in a subprocess with its own temporary ``PREFECT_HOME`` (SQLite), analytics and
-UI off; the test process talks to it through ``temporary_settings(PREFECT_API_URL=...)``, and child
-processes (``mpafer serve-deployments``, ``prefect deployment run``) get :attr:`PrefectServer.env`.
+UI off, and basic authentication on (``PREFECT_SERVER_API_AUTH_STRING``, a random password), as
+``docker/compose.yaml`` serves it; the test process talks to it through
+``temporary_settings(PREFECT_API_URL=..., PREFECT_API_AUTH_STRING=...)``, and child processes
+(``mpafer serve-deployments``, ``prefect deployment run``) get :attr:`PrefectServer.env`.
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ class PrefectServer:
     url: str
     home: Path
     log: Path
-    #: Environment for child processes: PREFECT_API_URL, a PREFECT_HOME of their own, quiet logs.
+    #: Environment for child processes: PREFECT_API_URL and PREFECT_API_AUTH_STRING, a PREFECT_HOME of
+    #: their own, quiet logs.
     env: dict[str, str]
+    #: ``user:password`` of the server's basic authentication.
+    auth: str = ""
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -134,19 +139,23 @@ def _drain_prefect_workers() -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """A real Prefect server for the session; the test process uses it as its API."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """A real Prefect server for the session, with basic authentication; the test process uses it as its API."""
+    import secrets
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-server-home")
     log = home / "server.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    auth = f"mpafer:{secrets.token_hex(16)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "PREFECT_SERVER_API_"))}
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_SERVER_API_AUTH_STRING=auth,
     )
     with open(log, "wb") as f:
         proc = subprocess.Popen(
@@ -156,9 +165,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     try:
         _wait_healthy(url, proc, log)
         child_home = tmp_path_factory.mktemp("prefect-client-home")
-        child_env = {**env, "PREFECT_API_URL": url, "PREFECT_HOME": str(child_home)}
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield PrefectServer(url=url, home=home, log=log, env=child_env)
+        child_env = {k: v for k, v in env.items() if k != "PREFECT_SERVER_API_AUTH_STRING"}
+        child_env.update(PREFECT_API_URL=url, PREFECT_API_AUTH_STRING=auth, PREFECT_HOME=str(child_home))
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}):
+            yield PrefectServer(url=url, home=home, log=log, env=child_env, auth=auth)
             _drain_prefect_workers()  # send pending logs/events while the server is still up
     finally:
         stop_process(proc)

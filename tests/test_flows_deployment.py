@@ -58,6 +58,57 @@ def wait_for_deployment(server: PrefectServer, serve: subprocess.Popen[bytes], l
     raise AssertionError(f"{DEPLOYMENT} not registered in {REGISTER_TIMEOUT_S} s:\n{tail(log)}")
 
 
+def list_flow_runs() -> list[object]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_flow_runs())
+
+
+def _status(url: str, method: str = "GET", auth: str | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"content-type": "application/json"})
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_api_refuses_unauthenticated_requests(prefect_server: PrefectServer) -> None:
+    """The session's server runs with basic authentication, as docker/compose.yaml serves it."""
+    url = prefect_server.url
+    assert _status(f"{url}/health") == 200, "health probes stay open (compose's healthcheck)"
+    for path, method in (("/deployments/filter", "POST"), ("/flow_runs/filter", "POST"), ("/admin/version", "GET")):
+        assert _status(url + path, method) == 401, path
+        assert _status(url + path, method, auth="mpafer:wrong-password") == 401, path
+        assert _status(url + path, method, auth=prefect_server.auth) == 200, path
+
+
+def test_compose_file_binds_locally_and_requires_passwords() -> None:
+    import yaml
+
+    from mpafer.config import REPO_ROOT
+
+    compose = yaml.safe_load((REPO_ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["server"]["ports"] == ["${MPAFER_API_BIND:-127.0.0.1}:4200:4200"]
+    server_env, worker_env = services["server"]["environment"], services["worker"]["environment"]
+    assert server_env["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert worker_env["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "${POSTGRES_PASSWORD:?" in server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    text = (REPO_ROOT / "docker" / "compose.yaml").read_text()
+    assert ":-prefect}" not in text, "no default database password"
+    assert "MPAFER_LLM_KEYS" in worker_env, "the key table is the worker's environment, not a run parameter"
+
+
 def run_deployment(server: PrefectServer, params: dict[str, object]) -> tuple[str, float]:
     """``prefect deployment run ... --watch``; returns the flow run id and the wall time."""
     t0 = time.perf_counter()
@@ -97,6 +148,14 @@ def test_served_deployment_runs_caches_and_validates(prefect_server: PrefectServ
         states = task_states(run_id)
         assert set(states.values()) == {"Cached"}, states
         print(f"[deployment] second run (all cached): {warm_s} s")
+
+        # Without the password nobody can start a run (the API would take any config as parameters).
+        anonymous = {k: v for k, v in prefect_server.env.items() if k != "PREFECT_API_AUTH_STRING"}
+        n_runs = len(list_flow_runs())
+        refused = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT],
+                                 env={**anonymous, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "Created flow run" not in refused.stdout, refused.stdout
+        assert len(list_flow_runs()) == n_runs, "no flow run was created"
 
         bad = prefect_cli(prefect_server, "deployment", "run", DEPLOYMENT, "--params",
                           json.dumps({"config": {"model": {"variant": "bogus"}}}), timeout=60)

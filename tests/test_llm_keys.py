@@ -77,6 +77,8 @@ def test_operator_table_hosts_ports_wildcards_and_plain_http() -> None:
         with pytest.raises(ConfigError, match="MPAFER_LLM_KEYS"):
             allowed_keys({"MPAFER_LLM_KEYS": bad})
     assert DEFAULT_KEYS.startswith("OPENAI_API_KEY=api.openai.com;")
+    assert allowed_keys({"MPAFER_LLM_KEYS": " "}) == allowed_keys({}), "empty (as compose passes it) = default"
+    assert allowed_keys({"MPAFER_LLM_KEYS": "none"}) == {}
 
 
 # ------------------------------------------------------------------------------------------ end to end

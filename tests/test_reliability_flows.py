@@ -73,3 +73,82 @@ def test_stage_crash_inside_a_flow_run_then_rerun(prefect_server: PrefectServer,
     computed = [s for s in STAGES if states[s] != "Cached"]
     assert computed == ["prototypes", "train", "evaluate"], states
     assert summary["executed"] == ["prototypes", "train", "evaluate"]
+
+
+class _Planted:
+    """A pickled object that, once unpickled, creates ``marker`` (stands for any code an attacker runs)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_task_results_are_json_and_a_planted_pickle_is_never_loaded(prefect_server: PrefectServer,
+                                                                      tmp_path: Path) -> None:
+    """Anyone who can write to a shared project folder could make the next run execute their code when it
+    read a cached result: results were pickled, and a record names its own serializer (issue 14)."""
+    import json
+
+    from prefect.serializers import JSONSerializer, PickleSerializer
+
+    from flows.cache import check_result_record
+    from mpafer.pipeline import StageResult
+
+    project = tmp_path / "proj"
+    cfg = tiny_config(project)
+    first, _ = run_flow(cfg)
+    records = [p for p in (project / "prefect_results").rglob("*") if p.is_file()]
+    assert len(records) == len(STAGES)
+    for p in records:
+        check_result_record(p.read_bytes())  # JSON, Prefect's JSON serializer, StageResult only
+        value = JSONSerializer().loads(json.loads(p.read_bytes())["result"].encode())
+        assert isinstance(value, StageResult) and value.stage in STAGES
+
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    marker = tmp_path / "planted-code-ran"
+    for p in records:
+        meta = json.loads(p.read_bytes())["metadata"]
+        meta["serializer"] = PickleSerializer().model_dump(mode="json")
+        p.write_bytes(ResultRecord(metadata=ResultRecordMetadata.model_validate(meta),
+                                   result=_Planted(marker)).serialize())
+    ResultRecord.deserialize(records[0].read_bytes())  # what Prefect itself does with such a record ...
+    assert marker.exists(), "... runs the planted code (the attack is real)"
+    marker.unlink()
+
+    again, states = run_flow(cfg)
+    assert not marker.exists(), "no planted record was unpickled"
+    assert set(states.values()) == {"Completed"} and again["executed"] == [], "cache misses; no stage recomputed"
+    assert again["accuracy"] == first["accuracy"]
+    for p in records:
+        check_result_record(p.read_bytes())  # rewritten as JSON
+    _, states = run_flow(cfg)
+    assert set(states.values()) == {"Cached"}
+
+
+@pytest.mark.parametrize("change", ["jsonlib", "object_decoder", "class", "exception", "not json"])
+def test_result_records_other_than_our_json_are_refused(change: str) -> None:
+    import json
+
+    from prefect.serializers import JSONSerializer
+
+    from flows.cache import check_result_record
+    from mpafer.pipeline import StageResult
+
+    result = StageResult(stage="manifest", path=Path("/p/m.parquet"), key="k" * 64, cached=False, seconds=0.1)
+    record = {"metadata": {"serializer": JSONSerializer().model_dump(mode="json")},
+              "result": JSONSerializer().dumps(result).decode()}
+    check_result_record(json.dumps(record).encode())
+    if change == "jsonlib":
+        record["metadata"]["serializer"]["jsonlib"] = "pickle"
+    elif change == "object_decoder":
+        record["metadata"]["serializer"]["object_decoder"] = "os.system"
+    elif change == "class":
+        record["result"] = json.dumps({"__class__": "subprocess.Popen", "data": {"args": ["true"]}})
+    elif change == "exception":
+        record["result"] = json.dumps([{"__exc_type__": "builtins.SystemExit", "message": "1"}])
+    raw = b"\x80\x04garbage" if change == "not json" else json.dumps(record).encode()
+    with pytest.raises(ValueError, match="refused|not a JSON result record"):
+        check_result_record(raw)

@@ -11,8 +11,9 @@ receive it::
 Each entry is ``VARIABLE=pattern[,pattern...]``; a pattern is a host (``api.openai.com``), a host and
 port (``gpu-box:8000``, ``[::1]:8000``) or a domain wildcard (``*.openai.azure.com``). A key goes over
 HTTPS only, except to a loopback host (``localhost``, ``127.0.0.0/8``, ``::1``) or to a pattern written
-with ``http://`` (the operator's explicit choice of plain HTTP). Unset, the setting is
-:data:`DEFAULT_KEYS` (OpenAI's and Azure OpenAI's hosts); set, it replaces the default entirely.
+with ``http://`` (the operator's explicit choice of plain HTTP). Unset or empty, the setting is
+:data:`DEFAULT_KEYS` (OpenAI's and Azure OpenAI's hosts); set, it replaces the default entirely; ``none``
+allows no key anywhere.
 
 ``llm.api_key_env``: ``auto`` (default) takes the first variable allowed for the server's host and sends
 no key to any other host, so keyless local servers (Ollama, vLLM, LM Studio) work whatever keys the
@@ -90,9 +91,11 @@ def _pattern(text: str, source: str) -> HostPattern:
 def allowed_keys(environ: Mapping[str, str] | None = None) -> dict[str, list[HostPattern]]:
     """The operator's table: variable name -> hosts its key may be sent to (from :data:`KEYS_ENV`)."""
     env = os.environ if environ is None else environ
-    raw = env.get(KEYS_ENV)
+    raw = (env.get(KEYS_ENV) or "").strip() or None  # unset or empty: the default table
     source = f"the environment variable {KEYS_ENV}" if raw is not None else "the default key table"
     table: dict[str, list[HostPattern]] = {}
+    if raw is not None and raw.lower() == "none":
+        return table
     for entry in (raw if raw is not None else DEFAULT_KEYS).split(";"):
         if not entry.strip():
             continue
