@@ -21,6 +21,7 @@ first canonical class name found in its first user message. Behaviours are scrip
 - ``html``, ``not_chat``, ``null``: HTTP 200 that is not a chat completion: a web UI's HTML page,
   ``{"foo": 1}``, JSON ``null``
 - ``trickle``: a valid answer sent one byte every ``trickle_s`` seconds (defeats per-read timeouts)
+- ``raw``: the status, content type and body in :attr:`FakeLLMServer.raw_reply` (fuzzing)
 
 Every request is recorded (model, class, first user message, response format, Authorization header).
 """
@@ -55,6 +56,7 @@ BEHAVIOURS = (
     "not_chat",
     "null",
     "trickle",
+    "raw",
 )
 #: Bodies of the behaviours that answer 200 with something that is not a chat completion.
 NOT_CHAT = {
@@ -93,6 +95,8 @@ class FakeLLMServer:
         self.slow_s = slow_s
         self.trickle_s = trickle_s
         self.retry_after_s = retry_after_s
+        #: ``(status, content type, body)`` sent by the ``raw`` behaviour.
+        self.raw_reply: tuple[int, str, bytes] = (200, "application/json", b"{}")
         self.rules: list[Rule] = []
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
@@ -314,6 +318,10 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             if behaviour == "unavailable":
                 self._error(503, "The server is overloaded.", "server_error", None,
                             {"retry-after": str(server.retry_after_s)})
+                return
+            if behaviour == "raw":
+                status, content_type, data = server.raw_reply
+                self._send(status, data, content_type=content_type)
                 return
             if behaviour in NOT_CHAT:
                 content_type, data = NOT_CHAT[behaviour]

@@ -16,7 +16,7 @@ import typer
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, out
 from mpafer.config import Config
-from mpafer.errors import MpaferError
+from mpafer.errors import MpaferError, file_system_error
 from mpafer.pipeline import STAGES
 
 _SETS = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable).")]
@@ -39,8 +39,9 @@ def _prefect_env(verbose: bool) -> None:
 
 
 class _DropUserErrors(logging.Filter):
-    """Drop Prefect's console ERROR records (tracebacks, failed states) caused by an :class:`MpaferError`:
-    the CLI prints that error as one line, and the Prefect API/UI keeps the full log."""
+    """Drop Prefect's console ERROR records (tracebacks, failed states) caused by an :class:`MpaferError` or
+    an ``OSError`` of the file-system class (full disk, read-only folder, a file in place of a folder): the
+    CLI prints that error as one line, and the Prefect API/UI keeps the full log."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class _DropUserErrors(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, MpaferError):
+        if isinstance(exc, MpaferError) or (exc is not None and file_system_error(exc) is not None):
             return False
         message = record.getMessage()
         return not any(m in message for m in self.markers)
