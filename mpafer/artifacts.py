@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpafer.errors import ArtifactError
+from mpafer.errors import ArtifactError, FileSystemError, printable
 
 #: Bumped whenever an artifact's meaning changes; part of every content key.
 PIPELINE_VERSION = "1"
@@ -102,6 +102,13 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temporary file is removed and ``final`` is left untouched.
     """
     final = Path(final)
+    try:
+        str(final).encode("utf-8")
+    except UnicodeEncodeError:  # Parquet, JSON records and summaries hold artifact paths as UTF-8 text
+        raise FileSystemError(
+            f"{printable(final)}: an artifact path must be UTF-8; choose a folder with a UTF-8 name "
+            "(pipeline.project_dir or --out)"
+        ) from None
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
     try:

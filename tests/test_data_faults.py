@@ -226,3 +226,17 @@ def test_rotated_images_mark_the_manifest_key(tmp_path: Path) -> None:
     marked = build(root, tmp_path / "m")
     assert load_manifest(marked.path).meta["options"]["exif_orientation"] == "applied"
     assert marked.key != plain.key
+
+
+def test_output_folder_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Artifacts record their paths as UTF-8 text: such a folder used to end in a UnicodeEncodeError."""
+    root = make_folder(tmp_path / "ds")
+    code, _, err = cli(capsys, "--root", str(root), "--out", str(tmp_path / os.fsdecode(b"out\xe9")))
+    assert code == 6 and "out\\xe9" in error_line(err) and "an artifact path must be UTF-8" in error_line(err)
+
+
+@pytest.mark.timeout(60)
+def test_train_with_a_fifo_as_manifest_says_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "m.parquet")
+    assert main(["train", "--manifest", str(tmp_path / "m.parquet"), "--run-dir", str(tmp_path / "r")]) == 3
+    assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import typer
 from mpafer.cli.app import app
 from mpafer.cli.common import config_from_options, console, emit, out
 from mpafer.config import TrainConfig
+from mpafer.data.adapters.base import require_file
 from mpafer.errors import EXIT_DATA, ConfigError, DataError
 
 _CONFIG_HELP = "Config YAML (a name under configs/ or a path); defaults when omitted."
@@ -18,8 +19,8 @@ _SET_HELP = "Override a config field, e.g. --set train.epochs=5 (repeatable)."
 
 
 def _require_file(path: Path | None, what: str) -> None:
-    if path is not None and not path.is_file():
-        raise DataError(f"{what} not found: {path}")
+    if path is not None:
+        require_file(path, what)  # says what a FIFO or device given as a file is
 
 
 @app.command()
@@ -124,7 +125,7 @@ def predict(
 
     devices = get_args(TrainConfig.model_fields["device"].annotation)
     if device is not None and device not in devices:
-        raise DataError(f"--device must be {' or '.join(devices)}, got {device!r}")
+        raise ConfigError(f"--device must be {' or '.join(devices)}, got {device!r}")
     preds = predict_images(run, images, top_k=top_k, device=device)
     shown = max((len(p.top) for p in preds), default=top_k)
     if preds and any(p.ok for p in preds) and shown < top_k:
