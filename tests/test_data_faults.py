@@ -22,6 +22,7 @@ from mpafer.data import hashing
 from mpafer.data.images import decode_to_uint8_cache, load_image
 from mpafer.data.manifest import DataWarning, build_manifest, load_manifest
 from mpafer.errors import DataError
+from mpafer.fileio import is_utf8_name
 
 BAD_NAME = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 'café', as archives made on Windows hold it
 
@@ -63,17 +64,9 @@ def test_file_name_that_is_not_utf8_is_named_escaped_or_quarantined(tmp_path: Pa
     with open(result.quarantine_path, encoding="utf-8") as f:  # the quarantine file is UTF-8 text
         rows = list(csv.reader(f))
     assert rows[1][0] == "train/Happy/caf\\xe9.jpg" and "not UTF-8" in rows[1][1]
-    assert all(is_utf8(p) for p in load_manifest(result.path).table.column("path").to_pylist())
+    assert all(is_utf8_name(p) for p in load_manifest(result.path).table.column("path").to_pylist())
     code, out, err = cli(capsys, "--root", str(root), "--out", str(tmp_path / "m"), "--on-bad", "skip")
     assert code == 0 and "1 quarantined" in out and "warning: 1 bad rows quarantined" in err
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def test_non_utf8_name_does_not_break_the_source_fingerprint(tmp_path: Path) -> None:

@@ -6,12 +6,9 @@ timeout; hypothesis draws a bounded number of examples, about a minute in all on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,19 +19,10 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_llm_server import FakeLLMServer  # noqa: E402
+from test_property_inputs import run_cli  # noqa: E402
 
 FUZZ = settings(max_examples=int(os.environ.get("MPAFER_FUZZ_EXAMPLES", "60")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    from mpafer.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_clean(code: int, out: str, err: str, allowed: set[int]) -> None:
