@@ -94,9 +94,8 @@ def test_the_api_refuses_unauthenticated_requests(prefect_server: PrefectServer)
 def test_compose_file_binds_locally_and_requires_passwords() -> None:
     import yaml
 
-    from mpafer.config import REPO_ROOT
-
-    compose = yaml.safe_load((REPO_ROOT / "docker" / "compose.yaml").read_text())
+    compose_file = Path(__file__).resolve().parents[1] / "docker" / "compose.yaml"
+    compose = yaml.safe_load(compose_file.read_text())
     services = compose["services"]
     assert services["server"]["ports"] == ["${MPAFER_API_BIND:-127.0.0.1}:4200:4200"]
     server_env, worker_env = services["server"]["environment"], services["worker"]["environment"]
@@ -104,7 +103,7 @@ def test_compose_file_binds_locally_and_requires_passwords() -> None:
     assert worker_env["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert "${POSTGRES_PASSWORD:?" in server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
-    text = (REPO_ROOT / "docker" / "compose.yaml").read_text()
+    text = compose_file.read_text()
     assert ":-prefect}" not in text, "no default database password"
     assert "MPAFER_LLM_KEYS" in worker_env, "the key table is the worker's environment, not a run parameter"
 
