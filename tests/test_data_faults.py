@@ -71,7 +71,7 @@ def test_file_name_that_is_not_utf8_is_named_escaped_or_quarantined(tmp_path: Pa
 
 def test_non_utf8_name_does_not_break_the_source_fingerprint(tmp_path: Path) -> None:
     """``mpafer run`` fingerprints the dataset tree before the manifest step (it raised UnicodeEncodeError)."""
-    from conftest_flows import tiny_config
+    from flows_fixtures import tiny_config
 
     from mpafer import pipeline as P
 
@@ -134,7 +134,7 @@ def test_image_over_the_size_cap_is_not_read(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.timeout(60)
 def test_symlink_loop_is_one_line_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two loops in one folder made os.walk(followlinks=True) visit ~2**40 folders."""
-    from conftest_flows import tiny_config
+    from flows_fixtures import tiny_config
 
     from mpafer import pipeline as P
 

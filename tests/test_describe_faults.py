@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_llm_server import FakeLLMServer  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
 
 from mpafer.cli import main  # noqa: E402
 from mpafer.config import LLMConfig  # noqa: E402

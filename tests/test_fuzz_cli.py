@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_llm_server import FakeLLMServer  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
 from test_property_inputs import run_cli  # noqa: E402
 
 FUZZ = settings(max_examples=int(os.environ.get("MPAFER_FUZZ_EXAMPLES", "60")), deadline=None, database=None,

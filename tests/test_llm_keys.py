@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_flows import TINY_OVERRIDES  # noqa: E402
-from fake_llm_server import FakeLLMServer  # noqa: E402
+from flows_fixtures import TINY_OVERRIDES  # noqa: E402
+from llm_fixtures import FakeLLMServer  # noqa: E402
 
 from mpafer.cli import main  # noqa: E402
 from mpafer.describe.keys import DEFAULT_KEYS, allowed_keys, key_variable  # noqa: E402
