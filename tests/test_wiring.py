@@ -61,6 +61,8 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
         "question": "Which cues show {class_name}?", "extra_questions": "['And {class_name}?']",
         "response_format": "json", "allow_fallback": "false", "max_reasks": "0",
         "descriptions_file": "{tmp}/other.json", "cache_dir": "other_cache",
+        # whether shared descriptions are accepted, not what they are: keys nothing
+        "allow_shared_descriptions": "true",
     },
     "clip": {
         "model": "mpafer-face-tiny", "pretrained": "{tmp}/w.safetensors", "precision": "bf16", "device": "auto",
