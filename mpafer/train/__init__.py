@@ -17,8 +17,10 @@ from mpafer.train.metrics import (
     accuracy,
     classification_metrics,
     confusion_matrix,
+    macro_f1,
     mean_class_accuracy,
     per_class_accuracy,
+    per_class_prf,
 )
 from mpafer.train.predict import Prediction, load_prompts, load_run, predict
 from mpafer.train.report import evaluate
@@ -35,8 +37,10 @@ __all__ = [
     "load_latest_valid",
     "load_prompts",
     "load_run",
+    "macro_f1",
     "mean_class_accuracy",
     "per_class_accuracy",
+    "per_class_prf",
     "predict",
     "train",
     "train_seeds",
