@@ -682,10 +682,16 @@ def _eval_record(record: Path, key: str) -> dict[str, Any]:
 
 
 def plan_evaluate(cfg: Config, train: StageResult, manifest: StageResult, split: str = "test") -> StagePlan:
-    """Key = train key + manifest key + split."""
-    key = content_key("evaluate", train.key, manifest.key, split)
+    """Key = what the evaluation writes (its version) + train key + manifest key + split."""
+    from mpafer.train.report import EVALUATION_VERSION
+
+    key = content_key("evaluate", EVALUATION_VERSION, train.key, manifest.key, split)
     record = Path(train.path) / f"evaluate-{split}.json"
     return StagePlan("evaluate", key, record, lambda: bool(_eval_record(record, key)))
+
+
+#: The summary's figure entries that an evaluation record lists (in this order).
+FIGURES = ("confusion_png", "curves_png", "misclassified_png")
 
 
 def _evaluate_run(cfg: Config, run_dir: Path, manifest: StageResult, split: str,
@@ -700,7 +706,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, manifest: StageResult, split: str,
         arts = summary.get("artifacts") or {}
         summary_path = Path(arts.get("summary") or run_dir / summary_name(split))
         report_path = Path(arts.get("report") or run_dir / "report.md")
-        figures = [str(arts[k]) for k in ("confusion_png", "curves_png") if arts.get(k)]
+        figures = [str(arts[k]) for k in FIGURES if arts.get(k)]
         return summary, summary_path, report_path, figures
     per_seed = {s: evaluate(seed_dir(run_dir, s), manifest.path, split=split, timings=timings, force=force)
                 for s in seed_list(cfg)}
@@ -710,7 +716,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, manifest: StageResult, split: str,
     first = (per_seed[min(per_seed)].get("artifacts") or {})
     report_path = Path(first.get("report") or seed_dir(run_dir, min(per_seed)) / "report.md")
     figures = [str((s.get("artifacts") or {})[k]) for s in per_seed.values()
-               for k in ("confusion_png", "curves_png") if (s.get("artifacts") or {}).get(k)]
+               for k in FIGURES if (s.get("artifacts") or {}).get(k)]
     return summary, summary_path, report_path, figures
 
 

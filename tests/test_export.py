@@ -96,10 +96,11 @@ def test_model_card_is_a_hub_card_with_the_run_metrics(run_dir: Path, tmp_path: 
     results = {r.metric_name: r for r in card.data.eval_results}
     assert results["accuracy"].metric_value == pytest.approx(summary["accuracy"], abs=1e-6)
     assert results["mean-class accuracy"].metric_value == pytest.approx(summary["mean_class_accuracy"], abs=1e-6)
+    assert results["macro F1"].metric_value == pytest.approx(summary["macro_f1"], abs=1e-6)
     assert results["accuracy"].dataset_split == "test" and results["accuracy"].task_type == "image-classification"
     text = card.text
     assert "`random`" in text and "mpafer-tiny" in text  # the backbone and its weights identity
-    assert "## Evaluation report" in text and "### Per-class accuracy" in text  # the report, nested
+    assert "## Evaluation report" in text and "### Per-class results" in text  # the report, nested
     assert "![confusion matrix](confusion.png)" in text and (out / "confusion.png").is_file()
     assert "upload_folder" in text
 

@@ -73,7 +73,7 @@ def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, classes: S
     }
 
 
-def zeroshot_evaluate(
+def zeroshot_split(
     backbone: Backbone,
     manifest_path: str | os.PathLike[str],
     text_features_path: str | os.PathLike[str],
@@ -83,8 +83,8 @@ def zeroshot_evaluate(
     num_workers: int = 2,
     amp: str = "auto",
     progress: bool = False,
-) -> dict[str, Any]:
-    """Zero-shot CLIP on ``split``: ``{accuracy, mean_class_accuracy, per_class_accuracy, confusion, n}``.
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Zero-shot predictions, labels and the class order for ``split`` of a manifest file.
 
     The text features must come from the same CLIP model and weights as ``backbone`` and the manifest's
     classes (names and order), else :class:`ArtifactError`.
@@ -103,4 +103,23 @@ def zeroshot_evaluate(
         backbone, manifest, split, targets.class_targets,
         batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
     )
-    return classification_metrics(preds, labels, list(manifest.classes))
+    return preds, labels, list(manifest.classes)
+
+
+def zeroshot_evaluate(
+    backbone: Backbone,
+    manifest_path: str | os.PathLike[str],
+    text_features_path: str | os.PathLike[str],
+    split: str = "test",
+    *,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    amp: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot CLIP on ``split``: ``{accuracy, mean_class_accuracy, per_class_accuracy, confusion, n}``
+    (checks as :func:`zeroshot_split`)."""
+    preds, labels, classes = zeroshot_split(backbone, manifest_path, text_features_path, split,
+                                            batch_size=batch_size, num_workers=num_workers, amp=amp,
+                                            progress=progress)
+    return classification_metrics(preds, labels, classes)

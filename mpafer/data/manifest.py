@@ -106,6 +106,11 @@ class Manifest:
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return [s == split for s in self.table.column("split").to_pylist()]
 
+    def paths(self, split: str) -> list[str]:
+        """The ``path`` column of ``split`` as stored (relative to the root, POSIX), in manifest order."""
+        mask = self._split_mask(split)
+        return [p for p, m in zip(self.table.column("path").to_pylist(), mask, strict=True) if m]
+
     def items(self, split: str) -> list[tuple[Path, int]]:
         """``(absolute image path, label)`` of every row of ``split``, in manifest order."""
         mask = self._split_mask(split)

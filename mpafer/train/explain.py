@@ -296,8 +296,7 @@ def explanations_section(run: LoadedRun, run_dir: str | os.PathLike[str], manife
 
     run_dir = Path(run_dir)
     dataset = ManifestDataset(manifest, split, None, affectnet_crop=run.cfg.data.affectnet_crop)
-    root = Path(manifest.root)
-    rel = [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name for p, _ in dataset.samples]
+    rel = manifest.paths(split)  # as predictions.parquet names them
     confidence = _confidences(run_dir, rel) if split == "test" else None
     correct, wrong = _pick(list(labels), list(preds), confidence, n)
     chosen = correct + wrong

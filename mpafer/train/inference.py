@@ -1,12 +1,15 @@
 """Logits of a whole split: the class text features once, then the prompted image forward per batch.
 
 What evaluation, the per-epoch validation, prediction-style benchmarks and ``mpafer bench eval`` run.
+:func:`infer_split` also keeps the score parts the forward computes anyway (``S_g``, and ``S_l`` with
+CGLA), for the evaluation's per-image table.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,26 +19,45 @@ from mpafer.runtime import Precision, autocast
 if TYPE_CHECKING:
     from mpafer.model import MPAFER
 
-__all__ = ["run_inference"]
+__all__ = ["SplitOutputs", "infer_split", "run_inference"]
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    """What the forward gave for every image of a split, in loader order (fp32 / int64, on the CPU)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    preds: torch.Tensor
+    seconds: float
+    #: ``S_g`` ``[N, C]`` (cosine of the global feature to each class's text feature); kept on request.
+    s_global: torch.Tensor | None = None
+    #: ``S_l`` ``[N, C]`` with CGLA, else ``None``; kept on request.
+    s_local: torch.Tensor | None = None
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Softmax of the logits ``[N, C]``: the class probabilities ``predict`` reports."""
+        return self.logits.softmax(dim=-1)
 
 
 @torch.no_grad()
-def run_inference(
+def infer_split(
     model: MPAFER,
     batches: Iterable[tuple[torch.Tensor, Any]],
     device: torch.device,
     precision: Precision,
     forward: Callable[..., Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """``(logits [N, C] fp32 CPU, labels [N] CPU, preds [N] CPU, seconds)`` over ``batches``.
-
-    ``forward`` (default: ``model``) may be a compiled version of the model's forward.
-    """
+    *,
+    scores: bool = False,
+) -> SplitOutputs:
+    """Run ``batches`` through the model (``forward``, default the model: may be a compiled version of its
+    forward); ``scores`` also keeps ``S_g`` and ``S_l``."""
     fwd = forward if forward is not None else model
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    logits_all: list[torch.Tensor] = []
+    kept: dict[str, list[torch.Tensor]] = {"logits": [], "s_global": [], "s_local": []}
     labels_all: list[torch.Tensor] = []
     try:
         with autocast(device, precision):
@@ -46,12 +68,30 @@ def run_inference(
                 out = fwd(images, text_features=text_features)
             # stays on the device (a clone: compiled graphs may reuse their output buffers); one copy
             # to the host at the end instead of a synchronising copy per batch
-            logits_all.append(out.logits.detach().float().clone())
+            kept["logits"].append(out.logits.detach().float().clone())
+            if scores:
+                for name in ("s_global", "s_local"):
+                    if name in out.aux:
+                        kept[name].append(out.aux[name].detach().float().clone())
             labels_all.append(torch.as_tensor(labels).cpu())
-        logits = torch.cat(logits_all).cpu() if logits_all else torch.zeros(0, len(model.classnames))
+        n_classes = len(model.classnames)
+        logits = torch.cat(kept["logits"]).cpu() if kept["logits"] else torch.zeros(0, n_classes)
+        parts = {name: torch.cat(kept[name]).cpu() if kept[name] else None for name in ("s_global", "s_local")}
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     labels_t = torch.cat(labels_all).long() if labels_all else torch.zeros(0, dtype=torch.long)
     preds = logits.argmax(dim=-1) if logits.numel() else torch.zeros(0, dtype=torch.long)
-    return logits, labels_t, preds, seconds
+    return SplitOutputs(logits, labels_t, preds, seconds, parts["s_global"], parts["s_local"])
+
+
+def run_inference(
+    model: MPAFER,
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    device: torch.device,
+    precision: Precision,
+    forward: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(logits [N, C] fp32 CPU, labels [N] CPU, preds [N] CPU, seconds)`` over ``batches``."""
+    out = infer_split(model, batches, device, precision, forward)
+    return out.logits, out.labels, out.preds, out.seconds

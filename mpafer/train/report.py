@@ -7,8 +7,12 @@ split through the prompted encoder and writes, atomically, into ``run_dir``:
 * ``summary.json`` (``summary-<split>.json`` for another split) with at least docs/DESIGN.md's keys
   ``accuracy, mean_class_accuracy, per_class_accuracy, confusion, classes, n_train, n_test,
   trainable_params, epochs, config_key, artifacts, timings, throughput_img_s``;
+* ``predictions.parquet`` (one row per image: path, label, prediction, class probabilities, score parts;
+  :mod:`mpafer.train.outputs`) and ``misclassified.png`` (a grid of the misclassified images);
+* per-class precision, recall and F1 and macro-F1 next to the accuracies (:mod:`mpafer.train.metrics`);
+* the zero-shot CLIP baseline on the same split and the run's gain over it (:mod:`mpafer.train.baseline`);
 * ``confusion.png`` and ``curves.png`` (training curves from ``metrics.jsonl``; none for zero-shot);
-* ``report.md``: config summary, metrics table, per-class table, links to the PNGs.
+* ``report.md``: config summary, metrics table, per-class table, the gain over zero-shot, the PNGs.
 
 The ``zeroshot`` variant runs through the same code: its "training" stores no prompts and its
 classifier is the hard-prompt class targets.
@@ -25,6 +29,8 @@ from typing import Any
 
 from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, content_key, sha256_file
 from mpafer.errors import DataError
+from mpafer.train.baseline import baseline_section
+from mpafer.train.outputs import misclassified_section
 from mpafer.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PROMPTS_FILE, TRAIN_RESULT_FILE
 
 __all__ = [
@@ -36,10 +42,15 @@ __all__ = [
     "summary_name",
 ]
 
+#: Part of the evaluation's key: bump when an evaluation writes other files or numbers, so that earlier
+#: evaluations are redone once (``mpafer.pipeline.plan_evaluate`` keys on it too).
+EVALUATION_VERSION = "2"
+
 #: Keys every summary.json carries (docs/DESIGN.md).
 SUMMARY_KEYS = (
     "accuracy",
     "mean_class_accuracy",
+    "macro_f1",
     "per_class_accuracy",
     "confusion",
     "classes",
@@ -109,35 +120,69 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     return Path(path)
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
-    """Loss (total and parts), train/val accuracy and learning rate per epoch; ``None`` without rows."""
-    if not rows:
-        return None
+#: The accuracy lines of the curves figure: metrics-row key, legend label, line style, marker. The
+#: validation accuracies often coincide (a balanced split): the dotted one stays visible over the solid one.
+_ACCURACY_LINES = (("train_acc", "train acc", "-", "o"), ("val_acc", "val acc", "-", "s"),
+                   ("val_mean_class_acc", "val mean-class acc", ":", "x"))
+
+
+def curves_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The training curves as a matplotlib figure: the loss and its parts per epoch (left), the accuracies
+    with the learning rate on a second axis (right).
+
+    Every line has a legend entry, the learning rate's included, and each legend sits below its panel,
+    outside the plotting area, so that it covers no line; the right panel's title names only what is drawn.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.6))
     loss_keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss_")})
     for key in loss_keys:
-        ax_loss.plot(epochs, [r.get(key) for r in rows], label=key, linewidth=2 if key == "loss" else 1)
+        ax_loss.plot(epochs, [r.get(key) for r in rows], label="total loss" if key == "loss" else key,
+                     linewidth=2.2 if key == "loss" else 1.0, zorder=3 if key == "loss" else 2)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.set_title("training loss")
-    ax_loss.legend(fontsize=8)
-    for key, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_mean_class_acc", "val mean-class")):
+    ax_loss.set_title("training loss (total and its parts)" if len(loss_keys) > 1 else "training loss")
+    drawn = []
+    for key, label, style, marker in _ACCURACY_LINES:
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            ax_acc.plot(epochs, values, label=label, marker="o", markersize=2)
+            ax_acc.plot(epochs, values, label=label, linestyle=style, marker=marker, markersize=3,
+                        linewidth=1.8 if style == ":" else 1.2)
+            drawn.append(key)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0.0, 1.0)
-    ax_acc.set_title("accuracy (val: monitoring only)")
     lr_ax = ax_acc.twinx()
-    lr_ax.plot(epochs, [r.get("lr") for r in rows], color="grey", linestyle="--", linewidth=1, label="lr")
+    lr_ax.plot(epochs, [r.get("lr") for r in rows], color="grey", linestyle="--", linewidth=1,
+               label="learning rate (right axis)")
     lr_ax.set_ylabel("learning rate", color="grey")
-    ax_acc.legend(loc="lower right", fontsize=8)
+    parts = ["train" if k == "train_acc" else "val" for k in drawn if k != "val_mean_class_acc"]
+    title = (" and ".join(parts) + " accuracy") if parts else ("val mean-class accuracy" if drawn else "")
+    if any(k.startswith("val") for k in drawn):
+        title += " (val: monitoring only)"
+    ax_acc.set_title((title + ", learning rate") if title else "learning rate")
+    for ax, handles in ((ax_loss, ax_loss.get_legend_handles_labels()),
+                        (ax_acc, tuple(a + b for a, b in zip(ax_acc.get_legend_handles_labels(),
+                                                             lr_ax.get_legend_handles_labels(), strict=True)))):
+        ax.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, len(handles[0])),
+                  fontsize=8, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Write :func:`curves_figure` as a PNG (atomically); ``None`` without rows."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig = curves_figure(rows)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -181,6 +226,11 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
         f"| overall accuracy | {_pct(summary.get('accuracy'))} |",
         f"| mean-class accuracy | {_pct(summary.get('mean_class_accuracy'))} |",
     ]
+    if summary.get("macro_f1") is not None:
+        lines.append(f"| macro-F1 | {_pct(summary.get('macro_f1'))} |")
+    zs_gain = (summary.get("gain_over_zeroshot") or {}).get("accuracy")
+    if zs_gain is not None:
+        lines.append(f"| gain over zero-shot CLIP (accuracy, points) | {100 * zs_gain:+.2f} |")
     final = summary.get("final_train") or {}
     if final.get("train_acc") is not None:
         lines.append(f"| final train accuracy | {_pct(final.get('train_acc'))} |")
@@ -189,11 +239,8 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
     if summary.get("throughput_img_s") is not None:
         lines.append(f"| throughput ({summary.get('throughput_kind', 'train')}, images/s) | "
                      f"{summary['throughput_img_s']:.1f} |")
-    lines += ["", "## Per-class accuracy", "", "| class | accuracy (%) | images |", "|---|---|---|"]
-    confusion = summary.get("confusion") or []
-    for i, cls in enumerate(summary.get("classes", [])):
-        count = sum(confusion[i]) if i < len(confusion) else 0
-        lines.append(f"| {cls} | {_pct(summary['per_class_accuracy'].get(cls))} | {count} |")
+    lines.append(baseline_section(summary).rstrip("\n"))
+    lines += per_class_lines(summary)
     timings = summary.get("timings") or {}
     if timings:
         lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
@@ -203,7 +250,28 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
         lines.append(f"![confusion matrix]({Path(arts['confusion_png']).name})")
     if arts.get("curves_png"):
         lines.append(f"![training curves]({Path(arts['curves_png']).name})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + misclassified_section(summary)
+
+
+def per_class_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The report's per-class table: precision, recall (= the class's accuracy), F1 and images per class
+    (summaries written before precision and F1 were recorded show the accuracy alone)."""
+    per_class = summary.get("per_class") or {}
+    confusion = summary.get("confusion") or []
+    if not per_class:
+        lines = ["", "## Per-class accuracy", "", "| class | accuracy (%) | images |", "|---|---|---|"]
+        for i, cls in enumerate(summary.get("classes", [])):
+            count = sum(confusion[i]) if i < len(confusion) else 0
+            lines.append(f"| {cls} | {_pct(summary['per_class_accuracy'].get(cls))} | {count} |")
+        return lines
+    lines = ["", "## Per-class results", "",
+             "Recall is the class's accuracy; precision is undefined (–) for a class never predicted.", "",
+             "| class | precision (%) | recall (%) | F1 (%) | images |", "|---|---|---|---|---|"]
+    for cls in summary.get("classes", []):
+        row = per_class.get(cls) or {}
+        lines.append(f"| {cls} | {_pct(row.get('precision'))} | {_pct(row.get('recall'))} | {_pct(row.get('f1'))} | "
+                     f"{row.get('support', 0)} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -245,9 +313,17 @@ def evaluate(
     evaluation with the same run, prompts, manifest and split is reused unless ``force``.
     """
     from mpafer.data.manifest import load_manifest
+    from mpafer.train.baseline import gain, zeroshot_baseline
     from mpafer.train.batches import eval_loader
-    from mpafer.train.inference import run_inference
+    from mpafer.train.inference import infer_split
     from mpafer.train.metrics import classification_metrics
+    from mpafer.train.outputs import (
+        misclassified_name,
+        plot_misclassified,
+        predictions_name,
+        predictions_table,
+        write_predictions,
+    )
     from mpafer.train.predict import load_run, read_run_config, read_run_info
 
     t_start = time.perf_counter()
@@ -256,8 +332,8 @@ def evaluate(
     train_res = _train_result(run_dir)
     manifest = load_manifest(manifest_path)
     prompts_path = run_dir / PROMPTS_FILE
-    eval_key = content_key("evaluate", train_res.get("config_key"), sha256_file(prompts_path) if prompts_path.is_file()
-                           else None, str(manifest.key), split)
+    eval_key = content_key("evaluate", EVALUATION_VERSION, train_res.get("config_key"),
+                           sha256_file(prompts_path) if prompts_path.is_file() else None, str(manifest.key), split)
     sfx = _suffix(split)
     summary_path = run_dir / summary_name(split)
     if not force and summary_path.is_file():
@@ -267,7 +343,7 @@ def evaluate(
             cached = {}
         arts = cached.get("artifacts", {})
         if cached.get("eval_key") == eval_key and all(
-            Path(p).is_file() for k, p in arts.items() if k in ("confusion_png", "report") and p
+            Path(p).is_file() for k, p in arts.items() if k in ("confusion_png", "report", "predictions") and p
         ):
             if timings:
                 cached["timings"] = _merge_timings(cached.get("timings", {}), timings)
@@ -281,14 +357,25 @@ def evaluate(
     if list(manifest.classes) != run.classes:
         raise DataError(f"manifest classes {list(manifest.classes)} differ from the run's classes {run.classes}")
     loader = eval_loader(manifest, split, run.test_transform, run.cfg, run.device)
-    _, labels, preds, infer_s = run_inference(run.model, loader, run.device, run.precision)
+    outputs = infer_split(run.model, loader, run.device, run.precision, scores=True)
+    labels, preds, infer_s = outputs.labels, outputs.preds, outputs.seconds
     m = classification_metrics(preds, labels, run.classes)
     eval_tput = m["n"] / infer_s if infer_s > 0 else None
+    # Per image, from the logits just computed; written before the report's explanations, which choose
+    # their examples by the confidences in it.
+    predictions = write_predictions(
+        run_dir / predictions_name(split), predictions_table(manifest.paths(split), outputs, run.classes),
+        run.classes, {"split": split, "variant": cfg.model.variant, "config_key": train_res.get("config_key"),
+                      "eval_key": eval_key, "manifest_key": str(manifest.key)})
+    baseline = zeroshot_baseline(run, manifest, manifest_path, split, run_dir)
 
     rows = read_metrics(run_dir)
     confusion_png = plot_confusion(m["confusion"], run.classes, run_dir / f"confusion{sfx}.png",
                                    title=f"{cfg.model.variant} — {split} ({m['n']} images)")
     curves_png = plot_curves(rows, run_dir / "curves.png") if rows else None
+    misclassified_png = plot_misclassified(run_dir / misclassified_name(split), manifest, split, labels.tolist(),
+                                           preds.tolist(), outputs.probs.max(dim=-1).values.tolist(), run.classes,
+                                           affectnet_crop=run.cfg.data.affectnet_crop)
     info = read_run_info(run_dir)
     train_tput = train_res.get("throughput_img_s")
     artifacts = {
@@ -297,6 +384,8 @@ def evaluate(
         "report": str((run_dir / f"report{sfx}.md").resolve()),
         "confusion_png": str(confusion_png.resolve()),
         "curves_png": str(curves_png.resolve()) if curves_png else None,
+        "misclassified_png": str(misclassified_png.resolve()) if misclassified_png else None,
+        "predictions": str(predictions.resolve()),
         "prompts": str(prompts_path.resolve()),
         "config": str((run_dir / CONFIG_FILE).resolve()),
         "metrics": str((run_dir / METRICS_FILE).resolve()) if rows else None,
@@ -307,8 +396,12 @@ def evaluate(
         "split": split,
         "accuracy": m["accuracy"],
         "mean_class_accuracy": m["mean_class_accuracy"],
+        "macro_f1": m["macro_f1"],
         "per_class_accuracy": m["per_class_accuracy"],
+        "per_class": m["per_class"],
         "confusion": m["confusion"],
+        "zeroshot": {k: v for k, v in baseline.items() if k != "cached"},
+        "gain_over_zeroshot": gain(m, baseline),
         "classes": run.classes,
         "n_train": int(train_res.get("n_train", info.get("n_train", 0))),
         "n_val": int(train_res.get("n_val", info.get("n_val", 0))),

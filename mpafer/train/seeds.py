@@ -16,6 +16,7 @@ from typing import Any
 
 from mpafer.artifacts import atomic_write_json
 from mpafer.config import Config
+from mpafer.train.baseline import gain
 from mpafer.train.metrics import mean_and_std
 from mpafer.train.report import summary_name
 
@@ -55,6 +56,7 @@ def aggregate_seed_summaries(summaries: Mapping[int, Mapping[str, Any]],
     classes = list(first["classes"])
     acc, acc_std = _mean_std([summaries[s]["accuracy"] for s in seeds])
     mca, mca_std = _mean_std([summaries[s]["mean_class_accuracy"] for s in seeds])
+    mf1, mf1_std = _mean_std([summaries[s].get("macro_f1") for s in seeds])
     per_class: dict[str, float | None] = {}
     per_class_std: dict[str, float | None] = {}
     for c in classes:
@@ -75,10 +77,16 @@ def aggregate_seed_summaries(summaries: Mapping[int, Mapping[str, Any]],
         "accuracy_std": acc_std,
         "mean_class_accuracy": mca,
         "mean_class_accuracy_std": mca_std,
+        "macro_f1": mf1,
+        "macro_f1_std": mf1_std,
         "per_class_accuracy": per_class,
         "per_class_accuracy_std": per_class_std,
         "confusion": confusion,
         "confusion_note": "counts summed over seeds",
+        # the baseline depends on the split and the frozen CLIP, not the seed: every seed has the same one
+        "zeroshot": first.get("zeroshot"),
+        "gain_over_zeroshot": gain({"accuracy": acc, "mean_class_accuracy": mca, "macro_f1": mf1},
+                                   first.get("zeroshot") or {}),
         "classes": classes,
         "split": first.get("split", "test"),
         "variant": first.get("variant"),
