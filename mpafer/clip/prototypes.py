@@ -34,6 +34,7 @@ from mpafer.clip.backbone import Backbone
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, ConfigError, DataError
 from mpafer.runtime import autocast, resolve_amp
+from mpafer.terminal import progress_bars
 
 #: Part of the content key; bump when the meaning of the rows changes.
 PROTOTYPES_VERSION = "1"
@@ -127,7 +128,7 @@ def iter_image_features(
     backbone.model.eval()
     total = len(loader.dataset)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress_bars(progress), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for images, labels in loader:
             images = normalize_on_device(images, backbone)

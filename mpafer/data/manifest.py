@@ -204,8 +204,11 @@ def _carve_val(rows: list[Row], classes: list[str], fraction: float, seed: int) 
 def _progress_display(
     enabled: bool, total: int, label: str
 ) -> Iterator[tuple[Callable[[], None], Callable[[int], None]]]:
-    """``(start, advance)`` callbacks driving a rich progress bar on stderr (no-ops when disabled)."""
-    if not enabled or total == 0:
+    """``(start, advance)`` callbacks driving a rich progress bar on stderr (no-ops when disabled or when
+    stderr is not a terminal)."""
+    from mpafer.terminal import progress_bars
+
+    if not progress_bars(enabled) or total == 0:
         yield (lambda: None), (lambda n: None)
         return
     from rich.console import Console

@@ -3,17 +3,19 @@
 The trainable tensors, a resume, a compiler fallback and one line per epoch are logged through the
 standard :mod:`logging` logger ``mpafer.train``, so whatever shows the ``mpafer`` logger sees them: the
 command line's console handler, or Prefect's UI when it is configured to capture that logger. The rich
-progress bar is for terminals only: it is off when stderr is not one (pipes, log files, CI).
+progress bar is for terminals only: it is off when stderr is not one (pipes, log files, CI;
+:func:`mpafer.terminal.progress_bars`).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from mpafer.terminal import progress_bars
 
 if TYPE_CHECKING:
     from mpafer.model import MPAFER
@@ -53,7 +55,7 @@ class ProgressBar:
         self.bar: Any = None
         self.log_every = log_every
         self.steps = steps_per_epoch
-        if not (enabled and sys.stderr.isatty()):
+        if not progress_bars(enabled):
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
