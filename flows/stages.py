@@ -30,6 +30,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import State
 
+from flows.logs import library_logs_to_prefect
 from flows.tasks import configured
 from mpafer.config import Config, apply_overrides, build_config, demo_config
 from mpafer.pipeline import (
@@ -88,8 +89,14 @@ def execute(cfg: Config, until: str = "evaluate") -> tuple[Config, dict[str, Sta
 
     Stages run as soon as their upstream results are in: when several are ready at once, the first (in
     graph order) runs in the flow's own thread and the others alongside it on Prefect's task runner (so
-    the prototypes are computed while the descriptions and text features are).
+    the prototypes are computed while the descriptions and text features are). The library's log lines
+    (the epoch rows among them) reach the flow run's logs (:mod:`flows.logs`).
     """
+    with library_logs_to_prefect():
+        return _execute(cfg, until)
+
+
+def _execute(cfg: Config, until: str) -> tuple[Config, dict[str, StageResult]]:
     todo = stages_until(until)  # an unknown stage fails here, before any work
     logger = get_run_logger()
     force = refresh_set(cfg)

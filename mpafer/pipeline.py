@@ -377,7 +377,7 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
     def build() -> dict[str, Any]:
         from mpafer.data.manifest import build_manifest
 
-        res = build_manifest(cfg.data, manifest_dir(cfg), progress=False)
+        res = build_manifest(cfg.data, manifest_dir(cfg))  # a progress bar on a terminal
         meta = parquet_metadata(res.path)
         rec = {
             "step_key": plan.key,
@@ -522,9 +522,9 @@ def plan_prototypes(cfg: Config, manifest: StageResult) -> StagePlan:
 
 
 def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = False,
-                     progress: bool = False) -> StageResult:
+                     progress: bool = True) -> StageResult:
     """Class prototypes: mean frozen-CLIP image features of the training images per class (``progress``: a
-    progress bar on the terminal)."""
+    progress bar when stderr is a terminal)."""
     t0 = time.perf_counter()
     plan = plan_prototypes(cfg, manifest)
 
@@ -627,10 +627,13 @@ def stage_train(
     prototypes: StageResult,
     *,
     refresh: bool = False,
+    on_epoch: Callable[[float, Mapping[str, Any]], None] | None = None,
 ) -> StageResult:
     """Train the prompts into ``runs/<name>-<key12>/`` (one ``seed-<s>/`` run per seed when
     ``train.seeds`` is set). A crashed run resumes from its checkpoints (the completion record is written
-    only after training returns); ``refresh`` starts it from scratch."""
+    only after training returns); ``refresh`` starts it from scratch. A progress bar shows on a terminal;
+    ``on_epoch(fraction of the stage's epochs done, metrics row)`` is called at every epoch end (the
+    Prefect task's progress artifact)."""
     t0 = time.perf_counter()
     plan = plan_train(cfg, manifest, text_features, prototypes)
     run_dir = plan.path.parent
@@ -650,12 +653,21 @@ def stage_train(
 
         release_backbones()
         inputs = (manifest.path, text_features.path, prototypes.path)
+        seeds = seed_list(cfg) if cfg.train.seeds else [None]
+        total = max(1, len(seeds) * cfg.train.epochs)
+
+        def report(done_before: int) -> Callable[[Mapping[str, Any]], None] | None:
+            if on_epoch is None:
+                return None
+            return lambda row: on_epoch((done_before + int(row["epoch"])) / total, row)
+
         if cfg.train.seeds:
-            for seed in seed_list(cfg):
-                train(seed_config(cfg, seed), *inputs, seed_dir(run_dir, seed), progress=False)
-            out: dict[str, Any] = {"seeds": seed_list(cfg)}
+            for i, seed in enumerate(seeds):
+                train(seed_config(cfg, seed), *inputs, seed_dir(run_dir, seed),
+                      on_epoch=report(i * cfg.train.epochs))
+            out: dict[str, Any] = {"seeds": seeds}
         else:
-            out = train(cfg, *inputs, run_dir, progress=False) or {}
+            out = train(cfg, *inputs, run_dir, on_epoch=report(0)) or {}
         scalars = {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
         rec = {
             "key": plan.key,
@@ -751,6 +763,9 @@ def stage_evaluate(
             "figures": figures,
             "accuracy": summary.get("accuracy"),
             "mean_class_accuracy": summary.get("mean_class_accuracy"),
+            "macro_f1": summary.get("macro_f1"),
+            "zeroshot_accuracy": (summary.get("zeroshot") or {}).get("accuracy"),
+            "predictions_path": (summary.get("artifacts") or {}).get("predictions"),
             "n_test": summary.get("n_test"),
             "finished_at": _now(),
         }
@@ -868,8 +883,11 @@ def summarize(cfg: Config, results: Iterable[StageResult], seconds: float, *, ru
         "summary_path": str(ev.path) if ev else None,
         "report_path": ev.info.get("report_path") if ev else None,
         "figures": ev.info.get("figures", []) if ev else [],
+        "predictions_path": ev.info.get("predictions_path") if ev else None,
         "accuracy": ev.info.get("accuracy") if ev else None,
         "mean_class_accuracy": ev.info.get("mean_class_accuracy") if ev else None,
+        "macro_f1": ev.info.get("macro_f1") if ev else None,
+        "zeroshot_accuracy": ev.info.get("zeroshot_accuracy") if ev else None,
         "stages": {
             r.stage: {"key": r.key, "path": str(r.path), "cached": r.cached, "seconds": r.seconds}
             for r in by_stage.values()

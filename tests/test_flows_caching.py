@@ -25,12 +25,16 @@ from mpafer.config import Config  # noqa: E402
 from mpafer.pipeline import STAGES  # noqa: E402
 
 pytest_plugins = ["flows_fixtures"]
+#: Flow-run id of each ``run_flow`` label.
+FLOW_RUNS: dict[str, Any] = {}
+
 
 def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
     from flows.pipeline import mpa_fer_pipeline
 
     t0 = time.perf_counter()
     state = mpa_fer_pipeline(config=cfg, return_state=True)
+    FLOW_RUNS[label] = state.state_details.flow_run_id
     timings[label] = round(time.perf_counter() - t0, 2)
     summary = state.result()
     states = task_states(state.state_details.flow_run_id)
@@ -42,22 +46,46 @@ def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[s
 
 
 def assert_ui_artifacts() -> None:
-    """The metrics table, the Markdown report and a link to the confusion-matrix PNG are in the UI."""
+    """The metrics, confusion-matrix and per-class tables, the Markdown report (no ``file://`` links: a browser
+    elsewhere cannot open them) and the training's progress artifact (100 % after the run) are in the UI."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    # Prefect stores a link artifact as Markdown ``[text](url)``.
-    wanted = {"mpafer-tiny-metrics": "table", "mpafer-tiny-report": "markdown", "mpafer-tiny-confusion": "markdown"}
+    wanted = {"mpafer-tiny-metrics": "table", "mpafer-tiny-confusion": "table", "mpafer-tiny-per-class": "table",
+              "mpafer-tiny-report": "markdown", "mpafer-tiny-training": "progress"}
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted))))
     kinds = {a.key: a.type for a in found}
     assert kinds == wanted, kinds
-    link = next(a for a in found if a.key == "mpafer-tiny-confusion")
-    assert "file://" in str(link.data) and "confusion.png" in str(link.data)
-    table = next(a for a in found if a.key == "mpafer-tiny-metrics")
-    assert "mean_class_accuracy" in str(table.data)
-    report = next(a for a in found if a.key == "mpafer-tiny-report")
-    assert "Pipeline stages" in str(report.data) and "confusion.png" in str(report.data)
+    data = {a.key: a.data for a in found}
+    assert "mean_class_accuracy" in str(data["mpafer-tiny-metrics"]) and "macro_f1" in str(data["mpafer-tiny-metrics"])
+    confusion = json.loads(data["mpafer-tiny-confusion"]) if isinstance(data["mpafer-tiny-confusion"], str) \
+        else data["mpafer-tiny-confusion"]
+    assert [row["true class"] for row in confusion] == ["neutral", "happiness", "sadness"]
+    assert sum(v for row in confusion for k, v in row.items() if k != "true class") == 12  # 4 test images x 3
+    assert "precision" in str(data["mpafer-tiny-per-class"]) and "f1" in str(data["mpafer-tiny-per-class"])
+    report = str(data["mpafer-tiny-report"])
+    assert "Pipeline stages" in report and "confusion.png" in report and "file://" not in report
+    assert float(data["mpafer-tiny-training"]) == 100.0
+
+
+def flow_run_logs(flow_run_id: Any, contains: str, timeout: float = 30.0) -> list[str]:
+    """The messages of a flow run's logs on the server, once one of them contains ``contains``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    deadline = time.monotonic() + timeout
+    messages: list[str] = []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages = [log.message for log in logs]
+        if any(contains in m for m in messages):
+            break
+        time.sleep(0.5)
+    return messages
 
 
 def computed(states: dict[str, str]) -> list[str]:
@@ -75,6 +103,9 @@ def test_selective_reexecution_through_prefect(prefect_server: PrefectServer, tm
     assert (project / "prefect_results").is_dir(), "results persist in the project folder"
     first_accuracy = summary["accuracy"]
     assert_ui_artifacts()
+    # the training loop's epoch row (the mpafer logger) is in the flow run's logs, as the UI shows them
+    logs = flow_run_logs(FLOW_RUNS["cold"], "epoch 1 | lr")
+    assert any(m.startswith("epoch 1 | lr ") and "loss" in m for m in logs), logs[-20:]
 
     summary, states = run_flow(cfg, "nothing changed", timings)
     assert all(v == "Cached" for v in states.values()), states

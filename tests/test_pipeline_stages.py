@@ -56,7 +56,7 @@ class StandIns:
         return write_parquet(table, Path(out_dir) / "pr.parquet", {"key": "y"})
 
     def train(self, cfg: Any, manifest_path: Any, text_path: Any, proto_path: Any, run_dir: Any,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, on_epoch: Any = None) -> dict[str, Any]:
         self._note("train")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

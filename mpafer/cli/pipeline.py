@@ -19,6 +19,9 @@ from mpafer.config import Config
 from mpafer.errors import MpaferError, file_system_error
 from mpafer.pipeline import STAGES
 
+#: The Prefect setting naming the loggers whose records Prefect sends to its API (read when Prefect starts).
+EXTRA_LOGGERS_ENV = "PREFECT_LOGGING_EXTRA_LOGGERS"
+
 _SETS = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (repeatable).")]
 _VERBOSE = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's INFO logs.")]
 _NO_PREFECT = Annotated[
@@ -36,6 +39,12 @@ def _prefect_env(verbose: bool) -> None:
     # The ephemeral server's usage telemetry has nothing to report offline; it only adds start-up work
     # and, with several runs sharing one Prefect database, "database is locked" noise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The library's log lines (the epoch rows) go to the flow run's logs in Prefect's UI (flows/logs.py);
+    # outside a run there is nothing to send them to, and that is not worth a warning.
+    extra = [n.strip() for n in os.environ.get(EXTRA_LOGGERS_ENV, "").split(",") if n.strip()]
+    if "mpafer" not in extra:
+        os.environ[EXTRA_LOGGERS_ENV] = ",".join([*extra, "mpafer"])
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 class _DropUserErrors(logging.Filter):
@@ -100,8 +109,14 @@ def _report(summary: dict[str, Any]) -> None:
 
     out.print(f"summary:  {summary.get('summary_path')}", highlight=False, soft_wrap=True)
     out.print(f"report:   {summary.get('report_path')}", highlight=False, soft_wrap=True)
+    if summary.get("predictions_path"):
+        out.print(f"predictions: {summary['predictions_path']}", highlight=False, soft_wrap=True)
+    zs = summary.get("zeroshot_accuracy")
+    versus = (f"; zero-shot CLIP {pct(zs)}, gain {100 * (summary['accuracy'] - zs):+.2f} points"
+              if isinstance(zs, (int, float)) and isinstance(summary.get("accuracy"), (int, float)) else "")
     out.print(
-        f"accuracy: {pct(summary.get('accuracy'))} (mean-class {pct(summary.get('mean_class_accuracy'))})",
+        f"accuracy: {pct(summary.get('accuracy'))} (mean-class {pct(summary.get('mean_class_accuracy'))}, "
+        f"macro-F1 {pct(summary.get('macro_f1'))}){versus}",
         highlight=False, soft_wrap=True,
     )
     executed = ", ".join(summary.get("executed") or []) or "nothing"

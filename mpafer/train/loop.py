@@ -125,12 +125,13 @@ class _Trainer:
     """One training run: the model and optimizer, and where the run stands (:class:`TrainState`)."""
 
     def __init__(self, cfg: Config, inputs: RunInputs, run_dir: Path, key: str, dist: DistContext,
-                 progress: bool) -> None:
+                 progress: bool, on_epoch: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         from mpafer.clip.backbone import load_backbone
         from mpafer.data.images import clip_transforms
 
         self.cfg, self.tc, self.inputs, self.run_dir, self.key, self.dist = cfg, cfg.train, inputs, run_dir, key, dist
         self.progress = progress and dist.is_main
+        self.on_epoch = on_epoch if dist.is_main else None
         self.device = train_device(cfg)
         if dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
@@ -263,6 +264,8 @@ class _Trainer:
         st.history.append(row)
         if self.dist.is_main:
             log.info("%s", epoch_line(row))
+        if self.on_epoch is not None:
+            self.on_epoch(row)
         st.next_epoch()
 
     def _epoch_row(self, lr: float) -> dict[str, Any]:
@@ -391,6 +394,7 @@ def train(
     max_steps: int | None = None,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    on_epoch: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the prompts of ``cfg.model.variant`` and return the run's result (see the module docstring).
 
@@ -398,7 +402,9 @@ def train(
     stored result without loading anything else. ``max_steps`` stops (after a checkpoint) once that
     many optimisation steps are done and returns ``{"completed": False, ...}``; ``on_step(global_step)``
     is called after each step (and after its checkpoint, if any) — an exception raised there aborts
-    the run as a crash would. ``progress``: the terminal progress bar (only on a terminal).
+    the run as a crash would. ``on_epoch(row)`` is called with each epoch's metrics row once it is logged
+    (rank 0; the same holds for its exceptions). ``progress``: the terminal progress bar (only on a
+    terminal).
 
     Under torchrun (``WORLD_SIZE > 1``) every process calls this: they join the process group, rank 0
     prepares the run directory and reads the checkpoint, the others receive its state, and each trains on
@@ -435,4 +441,4 @@ def train(
                 barrier(dist)
                 return dict(state["result"])
             with deterministic_algorithms(device.type == "cpu"):
-                return _Trainer(cfg, inputs, run_dir, key, dist, progress).run(state, max_steps, on_step)
+                return _Trainer(cfg, inputs, run_dir, key, dist, progress, on_epoch).run(state, max_steps, on_step)

@@ -1,0 +1,118 @@
+"""Long work is visible: progress bars on a terminal only (hashing, prototypes, training), the epoch rows
+for Prefect's UI, the train stage's per-epoch callback, and command-line output that never wraps at 80
+columns off a terminal. (That the rows and the progress artifact reach a Prefect server is checked in
+test_flows_caching.py.)"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from flows_fixtures import tiny_config  # noqa: E402
+
+from mpafer import pipeline as P  # noqa: E402
+from mpafer.terminal import progress_bars  # noqa: E402
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr that says it is a terminal and keeps what was drawn on it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_when_asked_and_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert progress_bars(True) is False
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    assert progress_bars(True) is True and progress_bars(False) is False
+
+
+def test_stages_draw_bars_on_a_terminal_and_report_each_epoch(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``mpafer run``/``demo`` run (the pipeline's stages) draws on a terminal: the hashing, prototype and
+    training bars; the train stage calls ``on_epoch`` with the share of its epochs done and the epoch's row."""
+    import json
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    cfg = P.prepare_config(tiny_config(tmp_path / "proj", "train.epochs=2"))
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    manifest = P.stage_manifest(cfg)
+    describe = P.stage_describe(cfg, manifest.info["classes"])
+    text = P.stage_text_features(cfg, describe, manifest.info["classes"])
+    protos = P.stage_prototypes(cfg, manifest)
+    seen: list[tuple[float, dict[str, Any]]] = []
+    trained = P.stage_train(cfg, manifest, text, protos, on_epoch=lambda f, row: seen.append((f, dict(row))))
+    monkeypatch.undo()
+    drawn = terminal.getvalue()
+    assert "hashing" in drawn and "prototypes" in drawn and "train" in drawn and "epoch 2/2" in drawn
+    rows = [json.loads(line) for line in (trained.path / "metrics.jsonl").read_text().splitlines()]
+    assert [f for f, _ in seen] == [0.5, 1.0] and [row for _, row in seen] == rows
+
+    # seeds: the share counts every seed's epochs (2 seeds x 1 epoch)
+    seeds_cfg = P.prepare_config(tiny_config(tmp_path / "proj", "train.epochs=1", "train.seeds=[1,2]"))
+    fractions: list[float] = []
+    P.stage_train(seeds_cfg, manifest, text, protos, on_epoch=lambda f, row: fractions.append(f))
+    assert fractions == [0.5, 1.0]
+
+
+def test_no_bars_off_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpafer.clip.prototypes import iter_image_features
+    from mpafer.data.manifest import _progress_display
+
+    plain = io.StringIO()
+    monkeypatch.setattr("sys.stderr", plain)
+    with _progress_display(True, 10, "hashing x") as (start, advance):
+        start()
+        advance(10)
+
+    class Backbone:
+        device = __import__("torch").device("cpu")
+
+        class model:  # noqa: N801 - a stand-in attribute
+            @staticmethod
+            def eval() -> None:
+                return None
+
+    loader = type("L", (), {"dataset": [0], "__iter__": lambda self: iter([])})()
+    assert list(iter_image_features(Backbone(), loader, progress=True)) == []  # type: ignore[arg-type]
+    assert plain.getvalue() == ""
+
+
+def test_cli_output_is_not_wrapped_off_a_terminal() -> None:
+    """Off a terminal the consoles print whole lines and lay tables out wider than 80 columns."""
+    from rich.table import Table
+
+    from mpafer.cli.common import UNWRAPPED_WIDTH, _console
+
+    con = _console(stderr=False)  # stdout is captured by pytest: not a terminal
+    assert con.width == UNWRAPPED_WIDTH or os.environ.get("COLUMNS", "").isdigit()
+    with con.capture() as cap:
+        con.print("x" * 150 + " " + "y" * 30, markup=False)
+        table = Table("path", "label")
+        table.add_row("/data/" + "p" * 120 + ".png", "happiness")
+        con.print(table)
+    lines = cap.get().splitlines()
+    assert lines[0] == "x" * 150 + " " + "y" * 30
+    assert any(("p" * 120) in line and "happiness" in line for line in lines)
+
+
+def test_cli_asks_prefect_to_capture_the_library_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpafer.cli.pipeline import EXTRA_LOGGERS_ENV, _prefect_env
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what _prefect_env sets stays in this test
+    monkeypatch.setenv(EXTRA_LOGGERS_ENV, "dask, openai")
+    _prefect_env(verbose=False)
+    assert os.environ[EXTRA_LOGGERS_ENV] == "dask,openai,mpafer"
+    _prefect_env(verbose=False)  # idempotent
+    assert os.environ[EXTRA_LOGGERS_ENV] == "dask,openai,mpafer"
+    monkeypatch.delenv(EXTRA_LOGGERS_ENV)
+    _prefect_env(verbose=False)
+    assert os.environ[EXTRA_LOGGERS_ENV] == "mpafer"
