@@ -96,16 +96,20 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Manifest split to evaluate."),
     force: bool = typer.Option(False, "--force", help="Recompute even when a matching summary exists."),
 ) -> None:
-    """Accuracy, mean-class accuracy, confusion matrix: summary.json, PNGs and report.md in the run directory."""
+    """Accuracy, mean-class accuracy, macro-F1, per-class precision/recall/F1, the gain over zero-shot CLIP:
+    summary.json, predictions.parquet, PNGs and report.md in the run directory."""
     from mpafer.train import evaluate as evaluate_run
 
     _require_file(manifest, "manifest")
     summary = evaluate_run(run, manifest, split=split, force=force)
-    console.print(
-        f"{split}: accuracy {100 * summary['accuracy']:.2f}, mean-class accuracy "
-        f"{100 * summary['mean_class_accuracy']:.2f} ({summary['n_test']} images)"
-    )
+    gain = (summary.get("gain_over_zeroshot") or {}).get("accuracy")
+    versus = (f", {100 * gain:+.2f} points over zero-shot CLIP" if gain is not None
+              else "; zero-shot not available")
+    emit(f"{split}: accuracy {100 * summary['accuracy']:.2f}, mean-class accuracy "
+         f"{100 * summary['mean_class_accuracy']:.2f}, macro-F1 {100 * summary['macro_f1']:.2f} "
+         f"({summary['n_test']} images){versus}", console)
     emit(f"summary {summary['artifacts']['summary']}")
+    emit(f"predictions {summary['artifacts']['predictions']}")
     emit(f"report {summary['artifacts']['report']}")
 
 
