@@ -116,3 +116,49 @@ def test_cli_asks_prefect_to_capture_the_library_logger(monkeypatch: pytest.Monk
     monkeypatch.delenv(EXTRA_LOGGERS_ENV)
     _prefect_env(verbose=False)
     assert os.environ[EXTRA_LOGGERS_ENV] == "mpafer"
+
+
+# ------------------------------------------------------------------------------------------ UI artifacts
+def test_ui_report_names_figures_by_path_instead_of_linking_files() -> None:
+    from flows.artifacts import ui_markdown
+
+    report = "# r\n\n![confusion matrix](confusion.png)\n![x: explanation](explanations/0-correct-a.png)\ntext\n"
+    md = ui_markdown(report, Path("/runs/demo-abc"))
+    assert "![" not in md and "file://" not in md
+    assert "*confusion matrix*: `/runs/demo-abc/confusion.png`" in md
+    assert "*x: explanation*: `/runs/demo-abc/explanations/0-correct-a.png`" in md and md.endswith("text\n")
+
+
+def test_confusion_and_per_class_tables() -> None:
+    from flows.artifacts import confusion_rows, per_class_rows
+
+    summary = {"classes": ["a", "b"], "confusion": [[3, 1], [0, 2]],
+               "per_class": {"a": {"precision": 1.0, "recall": 0.75, "f1": 6 / 7, "support": 4},
+                             "b": {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}},
+               "zeroshot": {"available": True, "per_class_accuracy": {"a": 0.5, "b": None}}}
+    assert confusion_rows(summary) == [{"true class": "a", "→ a": 3, "→ b": 1}, {"true class": "b", "→ a": 0, "→ b": 2}]
+    assert per_class_rows(summary) == [
+        {"class": "a", "precision": 1.0, "recall": 0.75, "f1": 0.8571, "images": 4, "zero-shot recall": 0.5},
+        {"class": "b", "precision": 0.6667, "recall": 1.0, "f1": 0.8, "images": 2, "zero-shot recall": None},
+    ]
+    # a seed aggregate has accuracies only
+    agg = {"classes": ["a", "b"], "confusion": [[3, 1], [0, 2]], "per_class_accuracy": {"a": 0.75, "b": 1.0}}
+    assert per_class_rows(agg) == [{"class": "a", "accuracy": 0.75, "images": 4},
+                                   {"class": "b", "accuracy": 1.0, "images": 2}]
+
+
+def test_training_progress_artifact_is_created_once_then_updated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.artifacts as A
+
+    calls: list[tuple[str, Any, float, str]] = []
+    monkeypatch.setattr(A, "create_progress_artifact",
+                        lambda p, key, description: calls.append(("create", key, p, description)) or "id-1")
+    monkeypatch.setattr(A, "update_progress_artifact",
+                        lambda aid, p, description: calls.append(("update", aid, p, description)) or aid)
+    progress = A.TrainingProgress("demo run")
+    row = {"epoch": 1, "lr": 0.01, "loss": 1.5}
+    progress(0.25, row)
+    progress(0.5, {**row, "epoch": 2})
+    assert [(c[0], c[1], c[2]) for c in calls] == [("create", "mpafer-demo-run-training", 25.0),
+                                                   ("update", "id-1", 50.0)]
+    assert calls[1][3] == "Training demo run: epoch 2 | lr 0.01 | loss 1.5000"
