@@ -90,9 +90,9 @@ def test_cli_output_is_not_wrapped_off_a_terminal() -> None:
     """Off a terminal the consoles print whole lines and lay tables out wider than 80 columns."""
     from rich.table import Table
 
-    from mpafer.cli.common import UNWRAPPED_WIDTH, _console
+    from mpafer.terminal import UNWRAPPED_WIDTH, make_console
 
-    con = _console(stderr=False)  # stdout is captured by pytest: not a terminal
+    con = make_console(stderr=False)  # stdout is captured by pytest: not a terminal
     assert con.width == UNWRAPPED_WIDTH or os.environ.get("COLUMNS", "").isdigit()
     with con.capture() as cap:
         con.print("x" * 150 + " " + "y" * 30, markup=False)
@@ -102,6 +102,34 @@ def test_cli_output_is_not_wrapped_off_a_terminal() -> None:
     lines = cap.get().splitlines()
     assert lines[0] == "x" * 150 + " " + "y" * 30
     assert any(("p" * 120) in line and "happiness" in line for line in lines)
+
+
+def test_a_log_line_during_a_bar_is_printed_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line's log lines and the bars share one console, so an epoch row printed while the
+    training bar is shown starts a line of its own (rich clears the bar, prints the row, redraws the bar)."""
+    import re
+
+    from mpafer.cli.common import console, emit
+    from mpafer.terminal import stderr_console
+    from mpafer.train.progress import ProgressBar
+
+    assert console is stderr_console()  # the command line prints its log lines on the bars' console
+    monkeypatch.setenv("TERM", "xterm-256color")
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    # rich decides whether a console is interactive when it is made: make the process's console anew on
+    # this "terminal" (the command line makes it at start-up, on the real stderr)
+    monkeypatch.setattr("mpafer.terminal._STDERR", None)
+    with ProgressBar(True, epochs=1, steps_per_epoch=3, epoch=0, step_in_epoch=0, log_every=1) as bar:
+        bar.step(0, 1, 1, 4, lambda: 1.0)
+        bar.bar.refresh()  # the bar is on screen when the row comes
+        emit("epoch 1 | lr 0.1 | loss 1.0000", stderr_console())
+        bar.step(0, 2, 2, 4, lambda: 1.0)
+    drawn = terminal.getvalue()
+    assert "train" in drawn and "epoch 1/1" in drawn
+    row = re.search(r"(\x1b\[[0-9;?]*[A-Za-z])*epoch 1 \| lr 0\.1 \| loss 1\.0000\n", drawn)
+    assert row is not None and drawn.index("epoch 1/1") < row.start(), repr(drawn)
+    assert drawn[row.start() - 1] in "\r\n", repr(drawn)  # a line of its own, not the bar's tail
 
 
 def test_cli_asks_prefect_to_capture_the_library_logger(monkeypatch: pytest.MonkeyPatch) -> None:

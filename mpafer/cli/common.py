@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from mpafer.config import Config, demo_config, load_config
+from mpafer.terminal import make_console, stderr_console
 
-#: The width tables are laid out in off a terminal (lines are never wrapped there at all).
-UNWRAPPED_WIDTH = 240
-
-
-def _console(stderr: bool) -> Console:
-    """A rich console that never wraps a line: on a terminal it fits the terminal's width; off one (a pipe,
-    a log file, CI) rich would assume 80 columns and break every longer line, so tables get
-    :data:`UNWRAPPED_WIDTH` columns (or ``COLUMNS`` when set) and text is printed whole (``soft_wrap``)."""
-    stream = sys.stderr if stderr else sys.stdout
-    try:
-        terminal = stream.isatty()
-    except (AttributeError, ValueError):
-        terminal = False
-    width = None if terminal or os.environ.get("COLUMNS", "").isdigit() else UNWRAPPED_WIDTH
-    return Console(stderr=stderr, soft_wrap=True, width=width)
-
-
-console = _console(stderr=True)
-out = _console(stderr=False)
+#: Messages and log lines (the console the progress bars draw on); results go to ``out`` (stdout). Neither
+#: wraps lines off a terminal (:mod:`mpafer.terminal`).
+console = stderr_console()
+out = make_console(stderr=False)
 
 
 def emit(text: str, to: Console = out) -> None:

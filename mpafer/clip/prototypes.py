@@ -34,7 +34,7 @@ from mpafer.clip.backbone import Backbone
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, ConfigError, DataError
 from mpafer.runtime import autocast, resolve_amp
-from mpafer.terminal import progress_bars
+from mpafer.terminal import progress_bars, stderr_console
 
 #: Part of the content key; bump when the meaning of the rows changes.
 PROTOTYPES_VERSION = "1"
@@ -121,14 +121,13 @@ def iter_image_features(
 
     Batches may be preprocessed floats or uint8 crops (finished by :func:`normalize_on_device`).
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     precision = resolve_amp(amp, backbone.device)
     backbone.model.eval()
     total = len(loader.dataset)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress_bars(progress), transient=True) as bar:
+    with Progress(*columns, console=stderr_console(), disable=not progress_bars(progress), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for images, labels in loader:
             images = normalize_on_device(images, backbone)

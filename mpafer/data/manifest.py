@@ -206,12 +206,11 @@ def _progress_display(
 ) -> Iterator[tuple[Callable[[], None], Callable[[int], None]]]:
     """``(start, advance)`` callbacks driving a rich progress bar on stderr (no-ops when disabled or when
     stderr is not a terminal)."""
-    from mpafer.terminal import progress_bars
+    from mpafer.terminal import progress_bars, stderr_console
 
     if not progress_bars(enabled) or total == 0:
         yield (lambda: None), (lambda n: None)
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
@@ -219,7 +218,7 @@ def _progress_display(
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=stderr_console(),
         transient=True,
     )
     task = progress.add_task(label, total=total)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mpafer.terminal import progress_bars
+from mpafer.terminal import progress_bars, stderr_console
 
 if TYPE_CHECKING:
     from mpafer.model import MPAFER
@@ -57,7 +57,6 @@ class ProgressBar:
         self.steps = steps_per_epoch
         if not progress_bars(enabled):
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -67,7 +66,7 @@ class ProgressBar:
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[ips]} img/s"),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=stderr_console(),
         )
         self.task = self.bar.add_task("train", total=steps_per_epoch * epochs,
                                       completed=epoch * steps_per_epoch + step_in_epoch,
