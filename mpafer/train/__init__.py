@@ -1,7 +1,8 @@
 """Training, evaluation, reports and prediction (docs/METHOD.md §4–5; docs/DESIGN.md "Run directory").
 
 - :func:`train` (``loop.py``): resumable SGD on the prompts of a frozen CLIP → a run directory.
-- :func:`evaluate` (``report.py``): ``summary.json``, confusion/curves PNGs, ``report.md``.
+- :func:`evaluate` (``report.py``): ``summary.json``, ``predictions.parquet`` and the misclassified grid
+  (``outputs.py``), the zero-shot baseline (``baseline.py``), confusion/curves PNGs, ``report.md``.
 - :func:`train_seeds` (``seeds.py``): one run per seed and the mean ± std aggregate.
 - :func:`predict` (``predict.py``): top-k expressions of image files from a run's prompts.
 - ``metrics.py`` (pure functions), ``checkpoint.py`` (crash-safe checkpoints), ``sampler.py``
