@@ -44,6 +44,7 @@ def test_stages_draw_bars_on_a_terminal_and_report_each_epoch(tmp_path: Path,
     cfg = P.prepare_config(tiny_config(tmp_path / "proj", "train.epochs=2"))
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("mpafer.terminal._STDERR", None)  # the bars' console, made on this "terminal"
     manifest = P.stage_manifest(cfg)
     describe = P.stage_describe(cfg, manifest.info["classes"])
     text = P.stage_text_features(cfg, describe, manifest.info["classes"])

@@ -8,6 +8,7 @@ schedule fed the wrong epoch, page checksums not verified, a wrapped tower left 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import struct
@@ -264,8 +265,34 @@ def test_the_stage_graph_is_the_one_declaration() -> None:
 
     assert list(TASKS) == list(P.STAGES) and list(flows.stages.STAGE_FLOWS) == list(P.STAGES)
     for name in P.STAGES:
-        assert TASKS[name].fn is P.stage_of(name).run
+        # the train task wraps its stage to report each epoch (a progress artifact); every other is the stage
+        assert inspect.unwrap(TASKS[name].fn) is P.stage_of(name).run
+        assert (TASKS[name].fn is P.stage_of(name).run) == (name != "train")
         assert getattr(flows.stages, f"{name}_flow") is flows.stages.STAGE_FLOWS[name]
+
+
+def test_the_train_task_reports_each_epoch_to_a_progress_artifact() -> None:
+    """The train task's function gives its stage a TrainingProgress (keyed by the run name) as ``on_epoch``,
+    unless the caller passed one."""
+    from flows_fixtures import tiny_config
+
+    from flows.artifacts import TrainingProgress
+    from flows.tasks import _with_training_progress
+
+    calls: list[dict[str, Any]] = []
+
+    def stage(cfg: object, *args: object, **kwargs: Any) -> str:
+        calls.append(kwargs)
+        return "done"
+
+    wrapped = _with_training_progress(stage)
+    cfg = tiny_config(Path("unused"))
+    assert wrapped(cfg, 1, 2, 3, refresh=False, on_epoch=None) == "done"
+    assert isinstance(calls[0]["on_epoch"], TrainingProgress) and calls[0]["on_epoch"].key == "mpafer-tiny-training"
+    given = TrainingProgress("mine")
+    wrapped(cfg, on_epoch=given)
+    assert calls[1]["on_epoch"] is given
+
 
 
 # ------------------------------------------------------------------------------------------ the model
