@@ -13,9 +13,14 @@ code  failure class
 4     LLM or network (:class:`LLMError`)
 5     CLIP weights (:class:`WeightsError`)
 6     artifacts or the file system (:class:`ArtifactError`, :class:`FileSystemError`: a damaged
-      artifact, a full disk, a read-only or unwritable folder)
+      artifact, a full disk, a read-only or unwritable folder; :class:`LockTimeoutError`)
 130   interrupted (Ctrl-C)
+143   terminated (SIGTERM)
 ====  ==========================================================================================
+
+A training run that diverges (:class:`DivergedError`: a loss, gradient or prompt that is not finite) is
+a configuration error (2): the same config diverges again, the fix is a lower ``train.lr`` or a
+``train.grad_clip``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ EXIT_LLM = 4
 EXIT_WEIGHTS = 5
 EXIT_FILES = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def printable(text: object) -> str:
@@ -77,6 +83,10 @@ class ConfigError(MpaferError):
     exit_code = EXIT_USAGE
 
 
+class DivergedError(ConfigError):
+    """Training produced a loss, gradient or prompt value that is not finite (nan or inf)."""
+
+
 class DataError(MpaferError):
     """Bad dataset input: missing root, unreadable image, label out of range, ..."""
 
@@ -104,6 +114,15 @@ class ArtifactError(MpaferError):
 class FileSystemError(ArtifactError):
     """The file system refused a read or write: full disk, read-only folder, no permission, a file where a
     folder is needed. Same exit code as :class:`ArtifactError` (both are about the files mpafer keeps)."""
+
+
+class LockTimeoutError(ArtifactError):
+    """Another process held a stage or run lock for longer than ``pipeline.lock_timeout_s``."""
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, a request to stop, not an error
+    """Raised in the main thread on SIGTERM (:func:`mpafer.cli.main` installs the handler), so that
+    ``finally`` blocks and atomic writers clean up as for Ctrl-C, and the CLI says that a rerun resumes."""
 
 
 class SpecialFileError(OSError):

@@ -19,7 +19,7 @@ from mpafer.runtime import Precision, autocast
 if TYPE_CHECKING:
     from mpafer.model import MPAFER
 
-__all__ = ["SplitOutputs", "infer_split", "run_inference"]
+__all__ = ["SplitOutputs", "check_finite_scores", "infer_split", "run_inference"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ def infer_split(
         model.train(was_training)
     seconds = time.perf_counter() - start
     labels_t = torch.cat(labels_all).long() if labels_all else torch.zeros(0, dtype=torch.long)
+    check_finite_scores(model, logits)
     preds = logits.argmax(dim=-1) if logits.numel() else torch.zeros(0, dtype=torch.long)
     return SplitOutputs(logits, labels_t, preds, seconds, parts["s_global"], parts["s_local"])
 
@@ -95,3 +96,23 @@ def run_inference(
     """``(logits [N, C] fp32 CPU, labels [N] CPU, preds [N] CPU, seconds)`` over ``batches``."""
     out = infer_split(model, batches, device, precision, forward)
     return out.logits, out.labels, out.preds, out.seconds
+
+
+def check_finite_scores(model: MPAFER, logits: torch.Tensor, where: str = "") -> None:
+    """Raise :class:`~mpafer.errors.DivergedError` when a class score is nan or inf (``where`` says when).
+
+    Prompts that grew huge but stayed finite in training (``train.lr=1e30``) give such scores; the
+    argmax of a row of nans is class 0 for every image, a chance-level "result" that must not pass for one.
+    """
+    rows = ~torch.isfinite(logits).all(dim=-1) if logits.numel() else torch.zeros(0, dtype=torch.bool)
+    n_bad = int(rows.sum())
+    if not n_bad:
+        return
+    from mpafer.errors import DivergedError
+
+    largest = max((float(p.detach().abs().max()) for _, p in model.trainable_named_parameters()), default=0.0)
+    raise DivergedError(
+        f"the model's class scores are not finite (nan or inf){where or f' for {n_bad} of {len(rows)} images'}: "
+        f"its prompts diverged in training (largest prompt value {largest:.3g}); lower train.lr (or set "
+        "train.grad_clip) and train again"
+    )

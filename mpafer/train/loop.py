@@ -57,7 +57,8 @@ from mpafer.train.distributed import (
     distributed_context,
     env_world_size,
 )
-from mpafer.train.inference import run_inference
+from mpafer.train.guard import FiniteGuard
+from mpafer.train.inference import check_finite_scores, run_inference
 from mpafer.train.inputs import RunInputs, load_inputs, training_key
 from mpafer.train.progress import ProgressBar, epoch_line, log, log_trainable
 from mpafer.train.rundir import (
@@ -66,8 +67,9 @@ from mpafer.train.rundir import (
     PROMPTS_FILE,
     RUN_FILE,
     TRAIN_RESULT_FILE,
-    open_run,
     prompt_metadata,
+    read_run,
+    start_run,
     write_final_files,
     write_metrics,
 )
@@ -156,6 +158,8 @@ class _Trainer:
                                          weight_decay=self.tc.weight_decay) if self.learns else None
         self.state = TrainState()
         self.started: float | None = None  # the wall clock of this process's training (train_time)
+        self.guard: FiniteGuard | None = None  # a non-finite loss, gradient or prompt stops the run
+        self.saved_step: int | None = None  # the global step of the newest checkpoint (the one kept)
 
     # -------------------------------------------------------------------------------- the loop
     def run(self, resume: Mapping[str, Any] | None, max_steps: int | None,
@@ -171,6 +175,7 @@ class _Trainer:
             data = train_batches(self.inputs.manifest, self.backbone, self.cfg, self.device, self.use_cache, self.dist)
             if data.steps_per_epoch == 0:
                 raise ConfigError("the training split is empty")
+            self.guard = FiniteGuard(list(self.trainable), data.steps_per_epoch, self.device)
             self.started = time.perf_counter() - self.state.train_time
             st = self.state
             with ProgressBar(self.progress, self.tc.epochs, data.steps_per_epoch, st.epoch, st.step_in_epoch,
@@ -193,8 +198,10 @@ class _Trainer:
             self._train_step(images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
-            if self.device.type == "cuda" and st.global_step % self.tc.log_every_steps == 0:
-                torch.cuda.synchronize(self.device)  # the queued steps finish here: honest images/s
+            if st.global_step % self.tc.log_every_steps == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the queued steps finish here: honest images/s
+                self._check_finite()  # the device is waited for here anyway
             now = time.perf_counter()
             st.epoch_time += now - mark  # data loading and the step; checkpoint writes are not counted
             bar.step(st.epoch, st.global_step, st.step_in_epoch, int(labels.shape[0]) * self.dist.world_size,
@@ -237,6 +244,8 @@ class _Trainer:
         if self.tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
         self.optimizer.step()
+        assert self.guard is not None
+        self.guard.update(self.state.global_step + 1, losses, self.params)
         bs = int(labels.shape[0])
         with torch.no_grad():  # sums stay on the device: no synchronisation per step
             parts = {name: value.detach().to(torch.float64) * bs for name, value in losses.items()}
@@ -259,6 +268,7 @@ class _Trainer:
         belong here).
         """
         st = self.state
+        self._check_finite()
         self._gather_sums(final=True)
         row = broadcast_object(self._epoch_row(lr), self.dist)
         st.history.append(row)
@@ -309,8 +319,18 @@ class _Trainer:
                    for i, n in enumerate(names)}
         st.seen = int(round(float(vec[-1].item()))) if keep else 0
 
+    def _check_finite(self) -> None:
+        """Stop the run (:class:`~mpafer.errors.DivergedError`) once a step was not finite; the newest
+        checkpoint, written before that step, stays the newest."""
+        if self.guard is not None:
+            kept = (f"the last checkpoint (global step {self.saved_step}) is kept" if self.saved_step is not None
+                    else "no checkpoint was written before it")
+            self.guard.check(kept)
+
     def _save(self, result: Mapping[str, Any] | None = None) -> None:
-        """Checkpoint the run (rank 0 writes; with several ranks the epoch's sums are gathered first)."""
+        """Checkpoint the run (rank 0 writes; with several ranks the epoch's sums are gathered first); never
+        a run whose prompts, gradients or losses stopped being finite."""
+        self._check_finite()
         self._gather_sums(final=False)
         if self.started is not None:
             self.state.train_time = time.perf_counter() - self.started
@@ -318,6 +338,7 @@ class _Trainer:
             ckpt = checkpoint_state(self.key, self.state, self.model.prompt_state_dict(), self.optimizer,
                                     self._prompt_meta(), result)
             save_checkpoint(self.run_dir / CHECKPOINT_DIR, ckpt, self.state.global_step, self.tc.keep_checkpoints)
+        self.saved_step = self.state.global_step
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
         self.model.load_prompt_state_dict({k: v.to(self.device) for k, v in ckpt["prompts"].items()})
@@ -325,6 +346,7 @@ class _Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         restore_rng_state(ckpt["rng"])
         self.state = TrainState.from_checkpoint(ckpt, self.device)
+        self.saved_step = self.state.global_step
         if not self.dist.is_main:  # rank 0's checkpoint holds the global sums: count them once
             self.state.sums = {k: torch.zeros_like(v) for k, v in self.state.sums.items()}
             self.state.seen = 0
@@ -337,6 +359,8 @@ class _Trainer:
         return prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key)
 
     def _finish(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        if self.learns:
+            self._check_final_scores()
         result = self._result()
         self._save(result)
         if self.dist.is_main:
@@ -346,6 +370,22 @@ class _Trainer:
         if on_step is not None and self.learns:
             on_step(self.state.global_step)
         return result
+
+    @torch.no_grad()
+    def _check_final_scores(self) -> None:
+        """The learned prompts must give finite class scores. Each step's loss, gradients and prompts were
+        finite (:class:`FiniteGuard`), but prompts that grew to 1e30 stay finite while every score they give
+        is nan: one forward pass of a blank image tells (the run is then not finished, nothing is written)."""
+        size = self.backbone.image_size
+        blank = torch.zeros(1, 3, size, size, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast(self.device, self.precision):
+                logits = self.model(blank).logits.float()
+        finally:
+            self.model.train(was_training)
+        check_finite_scores(self.model, logits, " after the last step")
 
     def _result(self) -> dict[str, Any]:
         st, trained = self.state, self.learns
@@ -420,7 +460,8 @@ def train(
     with distributed_context(device.type) as dist:
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        with file_lock(run_dir / ".train") if dist.is_main else contextlib.nullcontext():
+        with file_lock(run_dir / ".train", timeout=cfg.pipeline.lock_timeout_s,
+                       what=f"the training run {run_dir}") if dist.is_main else contextlib.nullcontext():
             inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path)
             key = training_key(cfg, inputs.input_keys)
             if dist.enabled:
@@ -428,7 +469,7 @@ def train(
             payload: tuple[str, Any] = ("ok", None)
             if dist.is_main:  # rank 0 reads the folder; an error reaches every rank
                 try:
-                    payload = ("ok", open_run(run_dir, cfg, key, inputs))
+                    payload = ("ok", read_run(run_dir, key))
                 except MpaferError as exc:
                     payload = ("error", exc)
             status, state = broadcast_object(payload, dist)
@@ -441,4 +482,9 @@ def train(
                 barrier(dist)
                 return dict(state["result"])
             with deterministic_algorithms(device.type == "cpu"):
-                return _Trainer(cfg, inputs, run_dir, key, dist, progress, on_epoch).run(state, max_steps, on_step)
+                # Built before the run's files are written: a model that cannot be built (vpt_depth, topk,
+                # text features of another CLIP) fails here and leaves nothing that would refuse its fix.
+                trainer = _Trainer(cfg, inputs, run_dir, key, dist, progress, on_epoch)
+                if dist.is_main:
+                    start_run(run_dir, cfg, key, inputs)
+                return trainer.run(state, max_steps, on_step)

@@ -3,7 +3,8 @@
 ``config.json`` (the resolved config), ``run.json`` (the run's key, classes, input files and their keys),
 ``metrics.jsonl`` (one row per epoch), ``prompts.safetensors`` (the learned prompts,
 :func:`mpafer.train.predict.save_prompts`), ``train.json`` (the result) and ``checkpoints/``. Every file is
-written atomically; a folder that holds another run (another key) is refused.
+written atomically, and only once the run's inputs and model are known to be good; a folder that holds
+another run (another key) that finished a step is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 from mpafer.artifacts import atomic_write_json, atomic_write_text
 from mpafer.config import Config
 from mpafer.errors import ArtifactError
-from mpafer.train.checkpoint import CHECKPOINT_DIR, clean_stale_temporaries, load_latest_valid
+from mpafer.train.checkpoint import (
+    CHECKPOINT_DIR,
+    clean_stale_temporaries,
+    list_checkpoints,
+    load_latest_valid,
+)
+from mpafer.train.progress import log
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +38,9 @@ __all__ = [
     "PROMPTS_FILE",
     "RUN_FILE",
     "TRAIN_RESULT_FILE",
-    "open_run",
     "prompt_metadata",
+    "read_run",
+    "start_run",
     "write_final_files",
     "write_metrics",
 ]
@@ -45,29 +53,29 @@ PROMPTS_FILE = "prompts.safetensors"
 TRAIN_RESULT_FILE = "train.json"
 
 
-def open_run(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> dict[str, Any] | None:
-    """Write ``config.json`` and ``run.json`` (refusing a folder that holds another run) and return the
-    newest valid checkpoint's state, ``None`` for a fresh run."""
-    run_file = run_dir / RUN_FILE
-    if run_file.is_file():
-        try:
-            existing = json.loads(run_file.read_text())
-        except (OSError, ValueError):
-            existing = {}
-        if existing.get("config_key") not in (None, key):
+def read_run(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """The newest valid checkpoint's state of the run ``key`` in ``run_dir``; ``None`` when there is nothing to
+    resume. Writes nothing but the clean-up of a killed checkpoint writer (and setting damaged checkpoints
+    aside), so that a run whose config or inputs turn out to be bad leaves the folder as it found it.
+
+    A folder whose ``run.json`` names another run is refused when that run did work (a checkpoint, a
+    result or prompts); one that failed before its first finished step is no run to protect, and a
+    corrected config takes it over.
+    """
+    other = _recorded_key(run_dir)
+    if other not in (None, key):
+        done = [name for name, there in (
+            ("checkpoints", bool(list_checkpoints(run_dir / CHECKPOINT_DIR))),
+            (TRAIN_RESULT_FILE, (run_dir / TRAIN_RESULT_FILE).is_file()),
+            (PROMPTS_FILE, (run_dir / PROMPTS_FILE).is_file()),
+        ) if there]
+        if done:
             raise ArtifactError(
                 f"run directory {run_dir} holds a run with another configuration or inputs "
-                f"(config key {str(existing.get('config_key'))[:16]} ≠ {key[:16]}); choose a new run directory"
+                f"(config key {str(other)[:16]} ≠ {key[:16]}, with {' and '.join(done)}); choose a new run directory"
             )
-    atomic_write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
-    atomic_write_json(run_file, {
-        "config_key": key,
-        "classes": inputs.classes,
-        "inputs": inputs.paths,
-        "input_keys": inputs.input_keys,
-        "n_train": inputs.n_train,
-        "n_val": inputs.n_val,
-    })
+        log.info("run directory %s held a run that never finished a step (config key %s); starting this one there",
+                 run_dir, str(other)[:16])
     ckpt_dir = run_dir / CHECKPOINT_DIR
     clean_stale_temporaries(ckpt_dir)
     latest = load_latest_valid(ckpt_dir)
@@ -75,6 +83,30 @@ def open_run(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> dict[st
     if state is not None and state.get("config_key") != key:
         raise ArtifactError(f"checkpoints in {ckpt_dir} belong to another run (config key differs)")
     return state
+
+
+def _recorded_key(run_dir: Path) -> str | None:
+    try:
+        existing = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return existing.get("config_key") if isinstance(existing, dict) else None
+
+
+def start_run(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> None:
+    """Write ``config.json`` and ``run.json`` of the run ``key`` (once its inputs and model are known to be
+    good: a failed start leaves no files behind that would refuse the corrected run)."""
+    if _recorded_key(run_dir) not in (None, key):  # a run taken over (read_run): its rows are not ours
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    atomic_write_json(run_dir / CONFIG_FILE, cfg.model_dump(mode="json"))
+    atomic_write_json(run_dir / RUN_FILE, {
+        "config_key": key,
+        "classes": inputs.classes,
+        "inputs": inputs.paths,
+        "input_keys": inputs.input_keys,
+        "n_train": inputs.n_train,
+        "n_val": inputs.n_val,
+    })
 
 
 def prompt_metadata(cfg: Config, backbone: Backbone, classes: Sequence[str], key: str) -> dict[str, Any]:
