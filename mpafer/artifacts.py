@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpafer.errors import ArtifactError, FileSystemError, printable
+from mpafer.errors import ArtifactError, FileSystemError, LockTimeoutError, printable
+
+log = logging.getLogger(__name__)
 
 #: Bumped whenever an artifact's meaning changes; part of every content key.
 PIPELINE_VERSION = "1"
@@ -241,12 +245,63 @@ def is_valid_parquet(path: str | os.PathLike[str], required_columns: tuple[str, 
         return False
 
 
+#: How long :func:`file_lock` waits by default (``pipeline.lock_timeout_s`` sets it for stage and run locks).
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+#: After how many seconds of waiting for a lock the wait is logged, naming the holder.
+LOCK_NOTICE_S = 2.0
+_HOLDER_SUFFIX = ".holder"
+
+
+def _lock_holder(lock_path: Path) -> str:
+    """Who holds ``lock_path``, from the record its holder wrote (``pid 12 on host h since <UTC time>``)."""
+    try:
+        rec = json.loads((lock_path.parent / (lock_path.name + _HOLDER_SUFFIX)).read_text(encoding="utf-8"))
+        return f"held by pid {int(rec['pid'])} on host {printable(rec['host'])} since {printable(rec['since'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "held by another process (it has not said which)"
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str], timeout: float = 3600.0) -> Iterator[None]:
-    """An inter-process lock (``<path>.lock``), so two runs never write the same artifact at once."""
-    from filelock import FileLock
+def file_lock(path: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+              what: str | None = None) -> Iterator[None]:
+    """An inter-process lock (``<path>.lock``), so two runs never write the same artifact at once.
+
+    The holder records its pid, host and start time next to the lock (``<path>.lock.holder``); a process
+    that has to wait says so after :data:`LOCK_NOTICE_S` seconds, naming the holder, and gives up after
+    ``timeout`` seconds with a :class:`~mpafer.errors.LockTimeoutError` that names it too. ``what`` says
+    what the lock guards (default: the lock file).
+    """
+    import datetime as dt
+    import socket
+
+    from filelock import FileLock, Timeout
 
     lock_path = Path(str(path) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_path), timeout=timeout):
+    what = what or f"the lock {lock_path}"
+    lock = FileLock(str(lock_path))
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            lock.acquire(timeout=max(0.0, min(LOCK_NOTICE_S, deadline - time.monotonic())))
+            break
+        except Timeout:
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"gave up after {timeout:g} s waiting for {what} ({lock_path}), {_lock_holder(lock_path)}; "
+                    "wait for that process to finish (or stop it), or raise pipeline.lock_timeout_s"
+                ) from None
+            if not told:
+                log.warning("waiting for %s (%s), %s", what, lock_path, _lock_holder(lock_path))
+                told = True
+    holder = lock_path.parent / (lock_path.name + _HOLDER_SUFFIX)
+    try:
+        since = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        with contextlib.suppress(OSError, FileSystemError):  # advisory: a full disk fails at the real writer
+            atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
         yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()  # before the lock is released: the next holder's record is never removed
+        lock.release()

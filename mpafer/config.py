@@ -370,6 +370,9 @@ class PipelineConfig(_Model):
     refresh: list[StageName] = Field(default_factory=list)
     #: Cron schedule for the retraining deployment.
     schedule_cron: str | None = None
+    #: Seconds to wait for a stage or training run that another process is computing (its lock) before
+    #: giving up with one line naming that process.
+    lock_timeout_s: float = Field(3600.0, gt=0)
 
 
 class Config(_Model):

@@ -144,7 +144,8 @@ def runs_dir(cfg: Config) -> Path:
 
 
 def _stage_lock(cfg: Config, stage: str, key: str) -> contextlib.AbstractContextManager[None]:
-    return file_lock(project_dir(cfg) / ".locks" / f"{stage}-{key[:16]}")
+    return file_lock(project_dir(cfg) / ".locks" / f"{stage}-{key[:16]}", timeout=cfg.pipeline.lock_timeout_s,
+                     what=f"the {stage} stage (key {key[:16]}), which another process is computing")
 
 
 _R = TypeVar("_R")

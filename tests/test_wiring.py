@@ -86,6 +86,7 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
     },
     "pipeline": {
         "project_dir": "{tmp}/proj2", "features_dir": "other_features", "name": "other", "refresh": "[train]", "schedule_cron": "'0 3 * * *'",
+        "lock_timeout_s": "5",
     },
 }
 GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model": ModelConfig, "train": TrainConfig,
