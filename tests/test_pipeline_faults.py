@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import socket
 import sys
 from pathlib import Path
@@ -96,3 +97,40 @@ def test_lock_timeout_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="pipeline.lock_timeout_s"):
         load_config(None, ["pipeline.lock_timeout_s=0"])
+
+
+# ------------------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize(("sig", "code", "said"), [
+    ("SIGINT", 130, "error: interrupted (Ctrl-C); finished steps are kept: rerun the same command to resume"),
+    ("SIGTERM", 143, "error: terminated (SIGTERM); finished steps are kept: rerun the same command to resume"),
+])
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_ctrl_c_and_sigterm_say_that_a_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str,
+                                                      sig: str, code: int, said: str) -> None:
+    """The signal arrives while the model trains or a stage runs (typer turns a KeyboardInterrupt into a
+    silent 130, and SIGTERM ended the process without a word); afterwards the previous handlers are back."""
+    import signal
+
+    import mpafer.train
+
+    def signalled(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), getattr(signal, sig))
+
+    monkeypatch.setattr(mpafer.train, "train", signalled)
+    monkeypatch.setattr(P, "stage_manifest", signalled)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if command == "train":
+        argv = ["train", "--manifest", str(_file(tmp_path / "m.parquet")), "--run-dir", str(tmp_path / "run"),
+                "--set", "model.variant=coop"]
+    else:
+        argv = ["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(tmp_path / "proj"))]
+    got, _, err = run_cli(argv)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert got == code and len(lines) == 1 and lines[0].startswith(said), err
+    assert "Traceback" not in err
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _file(path: Path) -> Path:
+    path.write_bytes(b"PAR1")
+    return path
