@@ -38,6 +38,8 @@ from mpafer.pipeline import (
     STAGES,
     Stage,
     StageResult,
+    check_stage_result,
+    preflight,
     prepare_config,
     refresh_set,
     stage_inputs,
@@ -98,8 +100,10 @@ def execute(cfg: Config, until: str = "evaluate") -> tuple[Config, dict[str, Sta
 
 def _execute(cfg: Config, until: str) -> tuple[Config, dict[str, StageResult]]:
     todo = stages_until(until)  # an unknown stage fails here, before any work
+    names = [s.name for s in todo]
     logger = get_run_logger()
     force = refresh_set(cfg)
+    preflight(cfg, names)  # weights, project folder, model vs CLIP: before minutes of work
     cfg = prepare_config(cfg)  # absolute paths; generates the synthetic faces when needed
     tasks = configured(cfg, force)
     out: dict[str, StageResult] = {}
@@ -118,12 +122,14 @@ def _execute(cfg: Config, until: str) -> tuple[Config, dict[str, StageResult]]:
             if ready:
                 started = time.perf_counter()
                 out[ready[0].name] = _unwrap(_call(tasks[ready[0].name], kwargs(ready[0])), started)
+                check_stage_result(ready[0].name, out, names)
                 continue
             done = next(as_completed([future for future, _ in running.values()]))
             name = next(n for n, (future, _) in running.items() if future is done)
             future, started = running.pop(name)
             future.wait()  # sets the final state (the done callback can fire before it is recorded)
             out[name] = _unwrap(future.state, started)
+            check_stage_result(name, out, names)
     finally:  # a failed stage: let the ones running alongside finish before its error propagates
         for future, _ in running.values():
             future.wait()

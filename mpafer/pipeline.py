@@ -62,7 +62,7 @@ from mpafer.artifacts import (
     sha256_file,
 )
 from mpafer.config import Config, StageName
-from mpafer.errors import ArtifactError, ConfigError, DataError
+from mpafer.errors import ArtifactError, ConfigError, DataError, FileSystemError, file_system_error
 from mpafer.fileio import walk_tree
 
 log = logging.getLogger(__name__)
@@ -865,6 +865,66 @@ def plan_stage(stage: str, inputs: Mapping[str, Any]) -> StagePlan:
     return fn(**{k: v for k, v in inputs.items() if k in names})
 
 
+# ------------------------------------------------------------------------------------------ early checks
+def _usable_project_dir(cfg: Config) -> Path:
+    """The project folder, created when missing; :class:`FileSystemError` naming ``pipeline.project_dir``
+    when it is a file, lies under one, or cannot be written (read-only file system, permissions)."""
+    folder = project_dir(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FileSystemError(
+            f"pipeline.project_dir {folder} is a file (or lies under one), not a folder; point it at a folder "
+            "(it is created when missing)"
+        ) from None
+    except OSError as exc:
+        raise file_system_error(exc, folder) or FileSystemError(f"cannot create pipeline.project_dir {folder}: "
+                                                                f"{exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FileSystemError(
+            f"pipeline.project_dir {folder} is not writable (a read-only file system or missing permissions); "
+            "point pipeline.project_dir at a writable folder"
+        )
+    return folder
+
+
+def preflight(cfg: Config, stages: Iterable[str]) -> None:
+    """Cheap checks of what ``stages`` will need, before the first of them runs, so that a typo fails in a
+    second and not after minutes of hashing and LLM calls: a writable project folder; the CLIP weights
+    available (file, package, cache or a reachable download source) and, for training, the model fields
+    the image tower bounds (``vpt_depth``, ``topk``), read from the CLIP's config without loading it."""
+    names = set(stages)
+    _usable_project_dir(cfg)
+    if names & {"text_features", "prototypes", "train", "evaluate"}:
+        from mpafer.clip.backbone import image_tower_shape
+
+        shape = image_tower_shape(cfg.clip)
+        if shape is not None and "train" in names:
+            from mpafer.model.mpa import check_image_tower_fit
+
+            check_image_tower_fit(cfg.model, *shape)
+
+
+def check_stage_result(stage: str, results: Mapping[str, StageResult], stages: Iterable[str]) -> None:
+    """Checks on what ``stage`` produced that later ``stages`` need, made as soon as it is known (both
+    executors call this after each stage): after the manifest, at least 2 classes, and training images for
+    every class when the prototypes or training follow (a manifest may be for evaluation only)."""
+    if stage != "manifest":
+        return
+    names = set(stages)
+    manifest = results["manifest"]
+    classes = list(manifest.info.get("classes") or [])
+    if len(classes) < 2 and names - {"manifest"}:
+        raise DataError(
+            f"the dataset has {len(classes)} class{'es' if len(classes) != 1 else ''} ({', '.join(classes) or 'none'}) "
+            f"in manifest {manifest.path}: MPA-FER needs at least 2"
+        )
+    if names & {"prototypes", "train"}:
+        from mpafer.data.manifest import load_manifest
+
+        load_manifest(manifest.path, verify=False).require_training_images("training")
+
+
 # ------------------------------------------------------------------------------------------ pipeline
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -918,9 +978,11 @@ def run_pipeline(cfg: Config, refresh: Iterable[str] = ()) -> dict[str, Any]:
     """Run every stage of :data:`GRAPH` in order without Prefect and return the summary (:func:`summarize`)."""
     t0 = time.perf_counter()
     force = refresh_set(cfg, refresh)
+    preflight(cfg, STAGES)
     cfg = prepare_config(cfg)
     results: dict[str, StageResult] = {}
     for stage in GRAPH:
         results[stage.name] = stage.run(cfg, **stage_inputs(stage, results), refresh=stage.name in force)
+        check_stage_result(stage.name, results, STAGES)
     release_backbones()
     return summarize(cfg, results.values(), time.perf_counter() - t0)

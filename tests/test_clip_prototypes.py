@@ -109,7 +109,8 @@ def test_class_without_training_images_is_an_error(backbone: Backbone, manifest:
     emptied = man.Manifest(real.path, "no-sad-train", real.root, real.classes, real.dataset,
                            table.filter(pa.array(keep)), real.meta)
     monkeypatch.setattr(man, "load_manifest", lambda path, **kw: emptied)
-    with pytest.raises(DataError, match="no training images for class\\(es\\) sadness"):
+    with pytest.raises(DataError, match=r"class\(es\) sadness have no training images in manifest .*: the class "
+                                        r"prototypes needs at least one per class"):
         build_prototypes(backbone, manifest, None, 0, tmp_path, num_workers=0, progress=False)
     assert not list(tmp_path.glob("prototypes-*.parquet"))
 

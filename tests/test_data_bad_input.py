@@ -270,10 +270,7 @@ CASES: dict[str, Case] = {
     "image truncated": Case("rafdb", _image_truncated, ("test_0003_aligned.jpg", "truncated JPEG"), True),
     "image unreadable": Case("rafdb", _image_unreadable, ("test_0005_aligned.jpg", "unreadable image"), True),
     "png truncated": Case("folder", _png_truncated, ("train/sad/broken.png", "unreadable image"), True),
-    "empty class": Case("folder", _empty_class, ("class 'fear' has no training images",), False),
-    "class only in test": Case(
-        "folder", _class_only_in_test, ("class 'disgust' has no training images",), False
-    ),
+    "empty class": Case("folder", _empty_class, ("class 'fear' has no images",), False),
     "empty split": Case("folder", _split_empty, ("split 'test' has no images",), False),
     "no test_ lines": Case("rafdb", _raf_no_test, ("split 'test' has no images",), False),
     "duplicate files": Case(
@@ -412,3 +409,18 @@ def test_skip_reports_count_on_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     assert "warning: 1 bad rows quarantined" in captured.err
     assert "1 quarantined" in captured.out
+
+
+def test_class_only_in_test_is_an_evaluation_only_manifest(tmp_path: Path) -> None:
+    """A class without training images no longer stops the manifest (it can be evaluated on); whatever needs
+    training images refuses it, naming the class."""
+    root = _class_only_in_test(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = build_manifest(DataConfig(dataset="folder", root=root), tmp_path / "out", progress=False)
+    warned = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert len(warned) == 1 and "disgust have no training images" in warned[0], warned
+    m = load_manifest(res.path)
+    assert m.class_counts("train")["disgust"] == 0 and m.class_counts("test")["disgust"] == 1
+    with pytest.raises(DataError, match=r"class\(es\) disgust have no training images in manifest .*: training needs"):
+        m.require_training_images("training")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("flows_fixtures")
 from flows_fixtures import tiny_config  # noqa: E402
 from test_property_inputs import run_cli  # noqa: E402
 
@@ -134,3 +135,98 @@ def test_ctrl_c_and_sigterm_say_that_a_rerun_resumes(tmp_path: Path, monkeypatch
 def _file(path: Path) -> Path:
     path.write_bytes(b"PAR1")
     return path
+
+
+# ------------------------------------------------------------------------------------------ before any work
+def _no_stage_may_run(monkeypatch: pytest.MonkeyPatch, *stages: str) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("a stage ran although the run could not succeed")
+
+    for stage in stages:
+        monkeypatch.setattr(P, f"stage_{stage}", refuse)
+
+
+def _run_one_line(argv: list[str]) -> tuple[int, str]:
+    code, _, err = run_cli(argv)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return code, lines[0]
+
+
+@pytest.mark.parametrize(("override", "code", "said"), [
+    ("model.vpt_depth=99", 2, "model.vpt_depth=99 is outside 1..2 (layers of the image encoder)"),
+    ("model.topk=999", 2, "model.topk=999 exceeds the 16 image patches of this CLIP"),
+    ("clip.pretrained=/nowhere/weights.safetensors", 5, "weights file not found: /nowhere/weights.safetensors"),
+    ("clip.model=no-such-clip", 2, "unknown CLIP model 'no-such-clip'"),
+])
+def test_model_and_weights_problems_fail_before_the_first_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str, code: int, said: str
+) -> None:
+    """Issue 14: these were reported after the manifest, the LLM and the CLIP features (minutes)."""
+    _no_stage_may_run(monkeypatch, *P.STAGES)
+    got, line = _run_one_line(["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(tmp_path / "p"), override)])
+    assert got == code and said in line, line
+
+
+def test_a_project_dir_that_is_a_file_or_not_writable_fails_before_the_first_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    _no_stage_may_run(monkeypatch, *P.STAGES)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for where in (a_file, a_file / "below"):
+        got, line = _run_one_line(["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(where))])
+        assert got == 6 and line == (f"error: pipeline.project_dir {where} is a file (or lies under one), not a "
+                                     "folder; point it at a folder (it is created when missing)"), line
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    got, line = _run_one_line(["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(tmp_path / "ro"))])
+    assert got == 6 and line.startswith(f"error: {tmp_path / 'ro'}: the file system is read-only; point "
+                                        "pipeline.project_dir"), line
+
+
+def test_one_class_fails_right_after_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasets_fixtures import make_folder
+
+    root = make_folder(tmp_path / "faces", class_dirs=["happy"])
+    _no_stage_may_run(monkeypatch, "describe", "text_features", "prototypes", "train", "evaluate")
+    got, line = _run_one_line(["run", "--no-prefect", "--config", "demo",
+                               *_sets(tiny_config(tmp_path / "p"), f"data.root={root}")])
+    assert got == 3 and "the dataset has 1 class (happiness) in manifest" in line and "needs at least 2" in line
+
+
+def test_an_evaluation_only_manifest_is_written_and_refused_by_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class with test images only: the manifest is valid (with a warning), training and the prototypes
+    refuse it with one line, and ``run`` does so right after the manifest."""
+    from datasets_fixtures import make_folder
+
+    root = make_folder(tmp_path / "faces", class_dirs=["happy", "sad"])
+    make_folder(root, class_dirs=["angry"], splits=("test",), seed=50_000)
+    code, out, err = run_cli(["manifest", "--root", str(root), "--out", str(tmp_path / "m")])
+    assert code == 0 and "anger have no training images" in err and "can be evaluated on, not trained on" in err, err
+    manifest = next((tmp_path / "m").glob("folder-*.parquet"))
+
+    code, line = _run_one_line(["train", "--manifest", str(manifest), "--run-dir", str(tmp_path / "run"),
+                                "--set", "model.variant=coop", "--set", "clip.model=mpafer-tiny",
+                                "--set", "clip.pretrained=none"])
+    assert code == 3 and line == (f"error: class(es) anger have no training images in manifest {manifest}: training "
+                                  "needs at least one per class (this manifest can be evaluated on, not trained on)")
+    assert not (tmp_path / "run" / "run.json").exists()
+    from mpafer.resources import CURATED_DESCRIPTIONS
+
+    code, line = _run_one_line(["embed", "--manifest", str(manifest), "--descriptions", str(CURATED_DESCRIPTIONS),
+                                "--out", str(tmp_path / "features"), "--no-progress",
+                                "--set", "clip.model=mpafer-tiny", "--set", "clip.pretrained=none"])
+    assert code == 3 and "anger have no training images" in line and "the class prototypes needs" in line, line
+
+    _no_stage_may_run(monkeypatch, "describe", "text_features", "prototypes", "train", "evaluate")
+    code, line = _run_one_line(["run", "--no-prefect", "--config", "demo",
+                                *_sets(tiny_config(tmp_path / "p"), f"data.root={root}")])
+    assert code == 3 and "anger have no training images" in line, line

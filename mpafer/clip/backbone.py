@@ -567,6 +567,40 @@ def weights_identity(cfg: ClipConfig) -> str:
     return f"tag:{pretrained}"
 
 
+def image_tower_shape(cfg: ClipConfig) -> tuple[int, int] | None:
+    """Check, without loading a model, that the weights ``cfg`` names can be had (package, file, cache or a
+    reachable download source: :class:`WeightsError` otherwise; :class:`ConfigError` for an unknown model),
+    and return the image tower's ``(layers, patches)`` from the model's config (``None`` when the tower is
+    not a plain open_clip ViT: a ResNet or timm tower, which visual prompts refuse when the model is built).
+
+    What the pipeline checks before its first stage, so that missing weights or a ``vpt_depth`` / ``topk``
+    the CLIP cannot take fail at once rather than after minutes of manifest and LLM work.
+    """
+    import open_clip
+
+    plan = _plan(cfg)
+    if plan.create_name.startswith(_LOCAL_DIR):
+        try:
+            config = json.loads((Path(plan.create_name[len(_LOCAL_DIR):]) / "open_clip_config.json")
+                                .read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        model_cfg = config.get("model_cfg") if isinstance(config, dict) else None
+    elif plan.create_name.startswith(_HF_HUB):
+        return None  # the config comes with the download
+    else:
+        model_cfg = open_clip.get_model_config(plan.create_name)
+    vision = (model_cfg or {}).get("vision_cfg") or {}
+    layers, size, patch = vision.get("layers"), vision.get("image_size"), vision.get("patch_size")
+    if vision.get("timm_model_name") or not isinstance(layers, int) or not patch:
+        return None
+    sizes = size if isinstance(size, (list, tuple)) else (size, size)
+    try:
+        return layers, int(sizes[0]) // int(patch) * (int(sizes[1]) // int(patch))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------ loading
 def _download_tag(model: str, tag: str, cache_dir: str | None) -> str:
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg

@@ -235,14 +235,8 @@ def build_prototypes(
     with file_lock(path):
         if is_valid_parquet(path, COLUMNS) and parquet_metadata(path).get("key") == key:
             return path
+        manifest.require_training_images("the class prototypes")
         items = manifest.items("train")
-        counts_all = np.bincount([lab for _, lab in items], minlength=len(classes)) if items else np.zeros(len(classes))
-        empty = [classes[c] for c in range(len(classes)) if counts_all[c] == 0]
-        if empty:
-            raise DataError(
-                f"no training images for class(es) {', '.join(empty)} in manifest {manifest_path}; "
-                "prototypes need at least one per class"
-            )
         dataset = manifest_dataset(manifest, "train", backbone)
         if len(dataset) != len(items):  # type: ignore[arg-type]
             raise RuntimeError("ManifestDataset and Manifest.items disagree on the train split")

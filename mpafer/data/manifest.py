@@ -17,8 +17,9 @@ Bad input: structural problems always raise :class:`DataError`. Bad rows (unpars
 labels, absent / truncated / unreadable images, the same bytes listed twice) raise one ``DataError``
 line with ``on_bad: error``; with ``on_bad: skip`` they are written to
 ``<manifest stem>.quarantine.csv`` (``path,reason``) next to the manifest and a :class:`DataWarning`
-gives their count. A class without training images or a required split without images is always an
-error.
+gives their count. A required split or a class without any image is an error; a class without training
+images is a :class:`DataWarning` (an evaluation-only manifest), refused by whatever needs them
+(:meth:`Manifest.require_training_images`: training, prototypes).
 """
 
 from __future__ import annotations
@@ -129,6 +130,17 @@ class Manifest:
             if m:
                 out.append(None if any(v is None for v in box) else tuple(box))  # type: ignore[arg-type]
         return out
+
+    def require_training_images(self, purpose: str) -> None:
+        """Raise :class:`DataError` unless every class has a training image (``purpose``: what needs them,
+        e.g. ``"training"``). A manifest without them is valid (evaluation only), but nothing can be
+        learned for a class never seen."""
+        empty = [name for name, n in self.class_counts("train").items() if not n]
+        if empty:
+            raise DataError(
+                f"class(es) {', '.join(empty)} have no training images in manifest {self.path}: {purpose} needs "
+                "at least one per class (this manifest can be evaluated on, not trained on)"
+            )
 
     def split_counts(self) -> dict[str, int]:
         """Number of rows per split (splits without rows omitted)."""
@@ -370,13 +382,23 @@ def _build(cfg: DataConfig, out_dir: Path, cache_dir: Path, progress: bool) -> M
             class_counts[s] = {name: c[i] for i, name in enumerate(classes)}
     required = list(listing.required_splits) + (["val"] if val_source == "carved" else [])
     for s in required:
-        if not split_counts[s]:
+        # Training needs train images (for every class: Manifest.require_training_images); an
+        # evaluation-only manifest does not, so that check belongs to training, not here.
+        if s != "train" and not split_counts[s]:
             raise DataError(f"split {s!r} has no images in {listing.dataset} dataset at {root}")
     if not classes:
         raise DataError(f"no classes found in {listing.dataset} dataset at {root}")
-    for name in classes:
-        if not class_counts.get("train", {}).get(name):
-            raise DataError(f"class {name!r} has no training images in {listing.dataset} dataset at {root}")
+    for name in classes:  # an empty class folder: nothing to train on nor to evaluate
+        if not any(class_counts.get(s, {}).get(name) for s in SPLITS):
+            raise DataError(f"class {name!r} has no images in {listing.dataset} dataset at {root}")
+    untrained = [name for name in classes if not class_counts.get("train", {}).get(name)]
+    if untrained:
+        warnings.warn(
+            f"class(es) {', '.join(untrained)} have no training images in {listing.dataset} dataset at {root}: "
+            "the manifest can be evaluated on, not trained on",
+            DataWarning,
+            stacklevel=3,
+        )
 
     # Key, table, files.
     has_boxes = listing.has_boxes

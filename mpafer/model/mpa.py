@@ -42,12 +42,12 @@ from torch import Tensor, nn
 from mpafer.errors import ArtifactError, ConfigError
 from mpafer.model import losses
 from mpafer.model.text_prompts import PromptedTextEncoder
-from mpafer.model.visual_prompts import PromptedImageEncoder
+from mpafer.model.visual_prompts import PromptedImageEncoder, check_vpt_depth
 
 if TYPE_CHECKING:  # the config is only read through its attributes (duck typing)
     from mpafer.config import ModelConfig
 
-__all__ = ["MPAFER", "MPAOutput", "cgla_local_scores", "patch_class_similarities"]
+__all__ = ["MPAFER", "MPAOutput", "cgla_local_scores", "check_image_tower_fit", "patch_class_similarities"]
 
 
 @dataclass
@@ -86,6 +86,16 @@ def cgla_local_scores(local_features: Tensor, text_features: Tensor, k: int) -> 
         ``[B, C]``: for each image and class, the mean of the k largest ``cos(z_i^l, θ(t_c))`` over i.
     """
     return patch_class_similarities(local_features, text_features).topk(k, dim=1).values.mean(dim=1)
+
+
+def check_image_tower_fit(cfg: ModelConfig, n_layers: int, n_patches: int) -> None:
+    """The model fields bounded by the CLIP's image tower: ``vpt_depth`` within its layers, and with CGLA
+    ``topk`` within its patches (refused, not clamped: k is part of the method). :class:`MPAFER` checks them
+    when it is built, the pipeline before its first stage (from the CLIP's config, without loading it)."""
+    check_vpt_depth(cfg.vpt_depth, n_layers)
+    if cfg.use_cgla and cfg.topk > n_patches:
+        raise ConfigError(f"model.topk={cfg.topk} exceeds the {n_patches} image patches of this CLIP; "
+                          f"choose model.topk <= {n_patches}")
 
 
 def _tokenize_fn(backbone: Any) -> Callable[[list[str]], Tensor]:
@@ -165,9 +175,7 @@ class MPAFER(nn.Module):
             local_features=cfg.local_features,
             return_local=self.use_cgla,
         )
-        if self.use_cgla and cfg.topk > self.image.n_patches:  # refused, not clamped: k is part of the method
-            raise ConfigError(f"model.topk={cfg.topk} exceeds the {self.image.n_patches} image patches of this CLIP; "
-                              f"choose model.topk <= {self.image.n_patches}")
+        check_image_tower_fit(cfg, self.image.n_layers, self.image.n_patches)
         self.topk = cfg.topk
 
         # Classification temperature ----------------------------------------------------------------

@@ -45,9 +45,15 @@ from torch.utils.checkpoint import checkpoint
 
 from mpafer.errors import ConfigError
 
-__all__ = ["PromptedImageEncoder", "fused_block", "is_fusable_block", "last_block_branch"]
+__all__ = ["PromptedImageEncoder", "check_vpt_depth", "fused_block", "is_fusable_block", "last_block_branch"]
 
 LocalFeatures = Literal["tokens", "vv"]
+
+
+def check_vpt_depth(depth: int | None, n_layers: int) -> None:
+    """``model.vpt_depth`` must name 1..``n_layers`` prompted layers (``None``: all)."""
+    if depth is not None and not 1 <= depth <= n_layers:
+        raise ConfigError(f"model.vpt_depth={depth} is outside 1..{n_layers} (layers of the image encoder)")
 
 
 def is_fusable_block(block: nn.Module) -> bool:
@@ -177,10 +183,7 @@ class PromptedImageEncoder(nn.Module):
             and not isinstance(getattr(blocks[-1], "attn", None), nn.MultiheadAttention)
         ):
             raise ConfigError("model.local_features=vv needs open_clip's default attention blocks")
-        if depth is not None and not 1 <= depth <= n_layers:
-            raise ConfigError(
-                f"model.vpt_depth={depth} is outside 1..{n_layers} (layers of the image encoder)"
-            )
+        check_vpt_depth(depth, n_layers)
         self.visual = visual
         for p in self.visual.parameters():
             p.requires_grad_(False)

@@ -62,6 +62,8 @@ def load_inputs(cfg: Config, manifest_path: PathLike, text_features_path: PathLi
     from mpafer.data.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
+    if cfg.model.trainable and cfg.train.epochs > 0:
+        manifest.require_training_images("training")
     classes = list(manifest.classes)
     targets = None
     if text_features_path is not None:
