@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpafer.errors import ArtifactError, FileSystemError, LockTimeoutError, printable
+from mpafer.errors import ArtifactError, FileSystemError, LockTimeoutError, file_system_error, printable
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,15 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # A full disk (or a folder turned read-only) while writing the temporary: name the artifact, not the
+        # temporary, which is gone. Errors about other files pass through unchanged.
+        if isinstance(exc, OSError) and exc.filename in (None, tmp_name, str(tmp), tmp):
+            mapped = file_system_error(OSError(exc.errno, exc.strerror, str(final)))
+            if mapped is not None:
+                raise mapped from exc
         raise
 
 

@@ -5,7 +5,8 @@ Fault injection replaces one low-level writer (``pyarrow.parquet.write_table``, 
 ``safetensors.torch.save_file``, ``matplotlib.figure.Figure.savefig`` or ``pathlib.Path.write_bytes``, which
 every JSON/text artifact goes through) by a wrapper that, for the first call whose target path matches a
 regular expression, writes only the first half of the bytes and raises :class:`InjectedCrash`, as a
-process dying in the middle of a write would leave things. Every other call is passed through.
+process dying in the middle of a write would leave things (or the fault's own error, e.g. a full disk's
+``OSError(ENOSPC)``). Every other call is passed through.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Fault:
     label: str
     #: The temporary file that was being written when the fault fired.
     fired_at: Path | None = None
+    #: What the writer raises after its partial write (default: :class:`InjectedCrash`), given the target.
+    error: Callable[[Path], BaseException] | None = None
+
+    def raised(self, target: Any) -> BaseException:
+        return self.error(Path(str(target))) if self.error else InjectedCrash(f"injected crash while writing {target}")
 
     def matches(self, target: Any) -> bool:
         return self.fired_at is None and re.search(self.pattern, Path(str(target)).as_posix()) is not None
@@ -86,7 +92,7 @@ def inject(fault: Fault) -> Iterator[Fault]:
             fault.fired_at = Path(self)
             with open(self, "wb") as f:
                 f.write(bytes(data)[: len(data) // 2])
-            raise InjectedCrash(f"injected crash while writing {self}")
+            raise fault.raised(self)
 
     else:
 
@@ -97,7 +103,7 @@ def inject(fault: Fault) -> Iterator[Fault]:
             fault.fired_at = Path(str(target))
             original(*args, **kwargs)
             _truncate_to_half(fault.fired_at)
-            raise InjectedCrash(f"injected crash while writing {target}")
+            raise fault.raised(target)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(owner, attr, wrapper)

@@ -230,3 +230,113 @@ def test_an_evaluation_only_manifest_is_written_and_refused_by_training(
     code, line = _run_one_line(["run", "--no-prefect", "--config", "demo",
                                 *_sets(tiny_config(tmp_path / "p"), f"data.root={root}")])
     assert code == 3 and "anger have no training images" in line, line
+
+
+# ------------------------------------------------------------------------------------------ full disk under run
+#: (writer, target pattern, stage, label), in the order ``run`` calls them; each is answered with ENOSPC.
+ENOSPC_FAULTS = [
+    ("parquet", r"/data_manifests/\.tmp-folder-[0-9a-f]{16}\.parquet\.", "manifest", "manifest Parquet"),
+    ("bytes", r"/descriptions/\.tmp-describe-", "describe", "describe record"),
+    ("parquet", r"/features/\.tmp-text-[^/]+/\.tmp-", "text_features", "text-feature Parquet"),
+    ("parquet", r"/features/\.tmp-prototypes-[^/]+/\.tmp-", "prototypes", "prototype Parquet"),
+    ("torch", r"/checkpoints/\.tmp-ckpt-", "train", "training checkpoint"),
+    ("safetensors", r"/\.tmp-prompts\.safetensors\.", "train", "prompts.safetensors"),
+    ("bytes", r"/\.tmp-pipeline-train\.json\.", "train", "train stage record"),
+    ("png", r"/\.tmp-confusion\.png\.", "evaluate", "confusion-matrix PNG"),
+    ("bytes", r"/\.tmp-summary\.json\.", "evaluate", "summary.json"),
+    ("bytes", r"/pipeline_runs/\.tmp-", None, "pipeline summary"),
+]
+
+
+def _enospc(target: Path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+
+def test_full_disk_under_run_is_one_line_naming_the_artifact_and_the_rerun_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each writer of ``run`` in turn finds the disk full (half its bytes written): exit 6, one line naming
+    the artifact (not its temporary) and what to do; nothing under the final name, no temporaries; the next
+    run (space freed) reuses the stages before and computes the interrupted one."""
+    from reliability_fixtures import Fault, StageSpy, final_name_of, inject, leftovers
+
+    project = tmp_path / "proj"
+    argv = ["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(project))]
+    spy = StageSpy().install(monkeypatch)
+    stages = list(P.STAGES)
+    previous: str | None = "manifest"
+    for kind, pattern, stage, label in ENOSPC_FAULTS:
+        fault = Fault(kind, pattern, stage, label, error=_enospc)
+        with inject(fault):
+            code, line = _run_one_line(argv)
+        assert fault.fired_at is not None, f"{label}: the writer was never called"
+        final = final_name_of(fault.fired_at)
+        assert code == 6, (label, line)
+        assert line.startswith(f"error: {final}: no space left on the device; free some space"), (label, line)
+        assert line.endswith("([Errno 28] No space left on device)"), (label, line)
+        assert not final.exists() and leftovers(project) == [], label
+        calls = spy.take()
+        returned = [s for s, _ in calls]
+        assert returned == (stages[: stages.index(stage)] if stage else stages), (label, calls)
+        redone = {s for s, cached in calls if not cached}
+        if previous in returned:
+            assert previous in redone, f"{label}: the interrupted stage {previous} was not redone: {calls}"
+        assert redone <= {previous} | {s for s in returned if previous and stages.index(s) > stages.index(previous)}
+        previous = stage
+    code, out, err = run_cli(argv)
+    assert code == 0 and "stages:   computed nothing" in out, out + err
+
+
+def test_sqlite_full_in_the_manifest_hash_cache_under_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from mpafer.data.hashing import HashCache
+
+    class FullDisk:
+        """The cache's connection, on a disk that fills up at the first insert."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def executemany(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.conn, name)
+
+    original = HashCache.store
+
+    def store(self: HashCache, entries: object) -> None:
+        self._conn = FullDisk(self._conn)  # type: ignore[assignment]
+        original(self, entries)  # type: ignore[arg-type]
+
+    argv = ["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(tmp_path / "proj"))]
+    with monkeypatch.context() as m:
+        m.setattr(HashCache, "store", store)
+        code, line = _run_one_line(argv)
+    assert code == 6 and "cannot write the SQLite database" in line and "database or disk is full" in line, line
+    assert "hashes-v3.sqlite3" in line
+    assert not list((tmp_path / "proj" / "data_manifests").glob("index-*.json"))
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+
+
+def test_sqlite_full_in_the_llm_answer_cache_names_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import diskcache
+
+    from mpafer.describe.cache import ResponseCache
+    from mpafer.errors import FileSystemError
+
+    def full(self: object, *args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    cache = ResponseCache(tmp_path / "llm")
+    monkeypatch.setattr(diskcache.Cache, "set", full)
+    with pytest.raises(FileSystemError, match=f"cannot write the SQLite database {tmp_path / 'llm' / 'cache.db'} "
+                                              r"\(database or disk is full\)"):
+        cache.set("k", ["a description"])
+    cache.close()

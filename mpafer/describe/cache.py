@@ -8,14 +8,18 @@ validation are stored, so a rerun after a failure re-asks exactly what is missin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
 from mpafer.artifacts import canonical_json
+from mpafer.errors import file_system_error
 
 #: Bumped when the meaning of a cached answer changes.
 CACHE_VERSION = "1"
@@ -47,7 +51,16 @@ class ResponseCache:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._cache = diskcache.Cache(str(self.directory), eviction_policy="none")
+        with self._file_system_errors():
+            self._cache = diskcache.Cache(str(self.directory), eviction_policy="none")
+
+    @contextlib.contextmanager
+    def _file_system_errors(self) -> Iterator[None]:
+        """A full disk or a read-only folder under the cache's SQLite file: one line naming the cache."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise file_system_error(exc, self.directory / diskcache.core.DBNAME) or exc from None
 
     def get(self, key: str) -> list[str] | None:
         """The cached descriptions for ``key``, or ``None`` (a damaged entry counts as missing)."""
@@ -65,7 +78,8 @@ class ResponseCache:
 
     def set(self, key: str, descriptions: list[str]) -> None:
         """Store validated descriptions (as JSON text) under ``key``."""
-        self._cache.set(key, canonical_json({"descriptions": list(descriptions)}))
+        with self._file_system_errors():
+            self._cache.set(key, canonical_json({"descriptions": list(descriptions)}))
 
     def __contains__(self, key: str) -> bool:
         return key in self._cache

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mpafer.artifacts import atomic_path, atomic_write_json, sha256_file
 from mpafer.config import DataConfig
-from mpafer.errors import DataError
+from mpafer.errors import DataError, FileSystemError
 
 SIDE = 48
 N_PIXELS = SIDE * SIDE
@@ -107,6 +107,8 @@ class PngCache:
                 self._made.add(target.parent)
             with atomic_path(target) as tmp:
                 Image.fromarray(arr).save(tmp, format="PNG")
+        except FileSystemError as exc:  # a full disk, a read-only folder: the file-system class, with the way out
+            raise FileSystemError(f"{exc.message}; or put the PNG cache elsewhere: --set data.png_cache=DIR") from None
         except OSError as exc:
             raise DataError(
                 f"cannot write PNG cache file {target}: {exc.strerror or exc} "
