@@ -1,8 +1,8 @@
 """Prefect caching keyed by the pipeline's own content keys.
 
 :class:`StageCachePolicy` asks :func:`mpafer.pipeline.plan_stage` for the stage's content key (the same
-key that names the stage's artifact), so a task is a cache hit exactly when :mod:`mpafer.pipeline` would
-reuse its output. The policy also checks the artifact: a cache record must never point at a missing or
+key that names the stage's artifact) and adds the project folder, so a task is a cache hit exactly when
+:mod:`mpafer.pipeline` would reuse its output in this project folder. The policy also checks the artifact: a cache record must never point at a missing or
 partial file, so when the artifact is gone or invalid while a record for its key exists, the policy
 returns a fresh one-off key and the task runs (rebuilding the artifact at its content-keyed path).
 
@@ -65,7 +65,13 @@ class StageCachePolicy(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         plan = plan_stage(self.stage, inputs)
-        key = f"{KEY_PREFIX}-{self.stage}-{plan.key}"
+        # The project folder is part of the key: a record holds absolute paths, and a copied or moved
+        # project (or another one sharing MPAFER_PREFECT_RESULTS_DIR) must use its own files, not those
+        # the record names. A miss costs a task run; the stage then reuses its artifact.
+        cfg = inputs.get("cfg")
+        where = hashlib.sha256(str(project_dir(cfg)).encode("utf-8", "surrogatepass")).hexdigest()[:12] \
+            if isinstance(cfg, Config) else "none"
+        key = f"{KEY_PREFIX}-{self.stage}-{plan.key}-{where}"
         if plan.is_done():
             return key
         # The artifact is missing or invalid. A record under ``key`` would be a false hit: run under a

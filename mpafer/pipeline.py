@@ -268,6 +268,22 @@ def _result(plan: StagePlan, path: Path, key: str, cached: bool, t0: float, **in
     )
 
 
+def _record_path(cfg: Config, path: str | os.PathLike[str]) -> str:
+    """A path as a stage record stores it: relative to the project folder when it lies inside (a copied or
+    moved project folder then names, and checks, its own files), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(project_dir(cfg)).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _recorded_path(cfg: Config, text: str) -> Path:
+    """A path read from a stage record (:func:`_record_path`), absolute."""
+    p = Path(text)
+    return p if p.is_absolute() else project_dir(cfg) / p
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -336,10 +352,12 @@ def _clip_fields(cfg: Config) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ manifest
-def _manifest_record(index: Path) -> dict[str, Any]:
-    """The index record and the manifest it points at, verified (raises when anything is off)."""
+def _manifest_record(cfg: Config, index: Path) -> dict[str, Any]:
+    """The index record and the manifest it points at, verified (raises when anything is off); its path
+    absolute."""
     rec = _read_json(index)
-    path = Path(rec["path"])
+    path = _recorded_path(cfg, rec["path"])
+    rec["path"] = str(path)
     if not is_valid_parquet(path, _MANIFEST_COLUMNS):
         raise ArtifactError(f"manifest {path} is missing or damaged")
     if parquet_metadata(path).get("key") != rec["key"]:
@@ -351,7 +369,7 @@ def plan_manifest(cfg: Config) -> StagePlan:
     """Step key = the source fingerprint; done when its index record points at a valid manifest."""
     step_key = content_key("manifest-step", source_fingerprint(cfg))
     index = manifest_dir(cfg) / f"index-{step_key[:16]}.json"
-    return StagePlan("manifest", step_key, index, lambda: bool(_manifest_record(index)))
+    return StagePlan("manifest", step_key, index, lambda: bool(_manifest_record(cfg, index)))
 
 
 def _manifest_stage_result(plan: StagePlan, rec: dict[str, Any], cached: bool, t0: float) -> StageResult:
@@ -383,7 +401,7 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
         rec = {
             "step_key": plan.key,
             "key": res.key,
-            "path": str(Path(res.path).resolve()),
+            "path": _record_path(cfg, res.path),
             "classes": list(getattr(res, "classes", None) or meta["classes"]),
             "dataset": getattr(res, "dataset", None) or meta.get("dataset", cfg.data.dataset),
             "n_rows": int(res.n_rows),
@@ -391,9 +409,9 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
             "n_quarantined": int(res.n_quarantined),
         }
         atomic_write_json(plan.path, rec)
-        return rec
+        return _manifest_record(cfg, plan.path)
 
-    rec, cached = _once(cfg, plan, refresh, lambda: _manifest_record(plan.path), build)
+    rec, cached = _once(cfg, plan, refresh, lambda: _manifest_record(cfg, plan.path), build)
     return _manifest_stage_result(plan, rec, cached, t0)
 
 
@@ -430,8 +448,9 @@ def _describe_identity(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _describe_record(record: Path) -> dict[str, Any]:
+def _describe_record(cfg: Config, record: Path) -> dict[str, Any]:
     rec = _read_json(record)
+    rec["path"] = str(_recorded_path(cfg, rec["path"]))
     if sha256_file(rec["path"]) != rec["sha256"]:
         raise ArtifactError(f"descriptions file {rec['path']} changed since it was recorded")
     return rec
@@ -441,7 +460,7 @@ def plan_describe(cfg: Config, classes: Sequence[str]) -> StagePlan:
     """Key = classes + the LLM fields that shape the answers (or the cached file's sha256)."""
     key = content_key("describe", list(classes), _describe_identity(cfg))
     record = descriptions_dir(cfg) / f"describe-{key[:16]}.json"
-    return StagePlan("describe", key, record, lambda: bool(_describe_record(record)))
+    return StagePlan("describe", key, record, lambda: bool(_describe_record(cfg, record)))
 
 
 def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False) -> StageResult:
@@ -461,12 +480,12 @@ def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False
         res = get_descriptions(list(classes), cfg.llm, descriptions_dir(cfg), _abs(cfg, cfg.llm.cache_dir))
         path = Path(res.path).resolve()
         load_descriptions(path)  # validate before recording it
-        rec = {"key": plan.key, "path": str(path), "sha256": sha256_file(path), "model": cfg.llm.model,
+        rec = {"key": plan.key, "path": _record_path(cfg, path), "sha256": sha256_file(path), "model": cfg.llm.model,
                "n_requests": res.n_requests, "n_cached": res.n_cached}
         atomic_write_json(plan.path, rec)
-        return rec
+        return {**rec, "path": str(path)}
 
-    return done(*_once(cfg, plan, refresh, lambda: _describe_record(plan.path), build))
+    return done(*_once(cfg, plan, refresh, lambda: _describe_record(cfg, plan.path), build))
 
 
 def given_descriptions(path: str | os.PathLike[str]) -> StageResult:
@@ -683,14 +702,20 @@ def stage_train(
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-def _eval_record(record: Path, key: str) -> dict[str, Any]:
+def _eval_record(cfg: Config, record: Path, key: str) -> dict[str, Any]:
+    """The evaluation record, verified (its summary is the one it recorded); its paths absolute."""
     rec = _read_json(record)
     if rec.get("key") != key:
         raise ArtifactError(f"{record} belongs to another evaluation")
     for name in ("summary_path", "report_path"):
+        rec[name] = str(_recorded_path(cfg, rec[name]))
         if not Path(rec[name]).is_file():
             raise ArtifactError(f"{rec[name]} is missing")
-    json.loads(Path(rec["summary_path"]).read_text(encoding="utf-8"))
+    rec["figures"] = [str(_recorded_path(cfg, f)) for f in rec.get("figures") or []]
+    summary = Path(rec["summary_path"])
+    if "summary_sha256" in rec and sha256_file(summary) != rec["summary_sha256"]:
+        raise ArtifactError(f"{summary} changed since it was recorded")
+    json.loads(summary.read_text(encoding="utf-8"))
     return rec
 
 
@@ -700,7 +725,7 @@ def plan_evaluate(cfg: Config, train: StageResult, manifest: StageResult, split:
 
     key = content_key("evaluate", EVALUATION_VERSION, train.key, manifest.key, split)
     record = Path(train.path) / f"evaluate-{split}.json"
-    return StagePlan("evaluate", key, record, lambda: bool(_eval_record(record, key)))
+    return StagePlan("evaluate", key, record, lambda: bool(_eval_record(cfg, record, key)))
 
 
 #: The summary's figure entries that an evaluation record lists (in this order).
@@ -759,9 +784,10 @@ def stage_evaluate(
         rec = {
             "key": plan.key,
             "split": split,
-            "summary_path": str(summary_path),
-            "report_path": str(report_path),
-            "figures": figures,
+            "summary_path": _record_path(cfg, summary_path),
+            "summary_sha256": sha256_file(summary_path),
+            "report_path": _record_path(cfg, report_path),
+            "figures": [_record_path(cfg, f) for f in figures],
             "accuracy": summary.get("accuracy"),
             "mean_class_accuracy": summary.get("mean_class_accuracy"),
             "macro_f1": summary.get("macro_f1"),
@@ -771,9 +797,9 @@ def stage_evaluate(
             "finished_at": _now(),
         }
         atomic_write_json(plan.path, _jsonable(rec))
-        return _eval_record(plan.path, plan.key)
+        return _eval_record(cfg, plan.path, plan.key)
 
-    return done(*_once(cfg, plan, refresh, lambda: _eval_record(plan.path, plan.key), build))
+    return done(*_once(cfg, plan, refresh, lambda: _eval_record(cfg, plan.path, plan.key), build))
 
 
 # ------------------------------------------------------------------------------------------ the graph

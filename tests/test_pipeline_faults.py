@@ -340,3 +340,37 @@ def test_sqlite_full_in_the_llm_answer_cache_names_the_cache(tmp_path: Path, mon
                                               r"\(database or disk is full\)"):
         cache.set("k", ["a description"])
     cache.close()
+
+
+# ------------------------------------------------------------------------------------------ copied projects
+def _external_faces(tmp_path: Path) -> Path:
+    from mpafer.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path / "faces", ["neutral", "happiness", "sadness"], 4, 0, 4, 32, 0)
+
+
+def test_a_copied_project_trusts_only_its_own_files(tmp_path: Path) -> None:
+    """Stage records name files relative to the project folder: a copy (the original gone) reuses its own
+    artifacts, and a garbage summary.json in the copy is noticed and rebuilt."""
+    import json
+    import shutil
+
+    faces = _external_faces(tmp_path)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    first = P.run_pipeline(tiny_config(original, f"data.root={faces}"))
+    assert first["executed"] == list(P.STAGES)
+    for record in [*original.glob("data_manifests/index-*.json"), *original.glob("descriptions/describe-*.json"),
+                   *original.glob("runs/*/evaluate-*.json")]:
+        text = record.read_text()
+        assert str(original) not in text, f"{record.name} names the project folder: {text}"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    summary = next(copy.glob("runs/*/summary.json"))
+    summary.write_text(json.dumps({"accuracy": 1.0, "note": "garbage, but valid JSON"}))
+
+    again = P.run_pipeline(tiny_config(copy, f"data.root={faces}"))
+    assert again["executed"] == ["evaluate"], again["executed"]
+    paths = [again["summary_path"], again["report_path"], *again["figures"],
+             *(v["path"] for s, v in again["stages"].items() if s != "describe")]
+    assert all(Path(p).is_relative_to(copy) for p in paths), paths
+    assert "note" not in json.loads(summary.read_text()), "the garbage summary was rebuilt"

@@ -152,3 +152,30 @@ def test_result_records_other_than_our_json_are_refused(change: str) -> None:
     raw = b"\x80\x04garbage" if change == "not json" else json.dumps(record).encode()
     with pytest.raises(ValueError, match="refused|not a JSON result record"):
         check_result_record(raw)
+
+
+def test_a_copied_project_under_prefect_uses_its_own_files(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    """The task records (copied along, absolute paths inside) belong to the original folder: in the copy they
+    are misses, every stage reuses the copy's own artifacts, and every path the run reports is the copy's."""
+    import shutil
+
+    from mpafer.data.synthetic import generate_dataset
+
+    faces = generate_dataset(tmp_path / "faces", ["neutral", "happiness", "sadness"], 4, 0, 4, 32, 0)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    run_flow(tiny_config(original, f"data.root={faces}"))
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    again, states = run_flow(tiny_config(copy, f"data.root={faces}"))
+    assert again["executed"] == [] and set(states.values()) == {"Completed"}, (again["executed"], states)
+    paths = [again["summary_path"], *(v["path"] for s, v in again["stages"].items() if s != "describe")]
+    assert all(Path(p).is_relative_to(copy) for p in paths), paths
+
+
+def test_the_flow_checks_model_and_weights_before_any_task(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    from flows.pipeline import mpa_fer_pipeline
+    from mpafer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vpt_depth=99 is outside 1..2"):
+        mpa_fer_pipeline(config=tiny_config(tmp_path / "proj", "model.vpt_depth=99"))
+    assert not (tmp_path / "proj" / "data_manifests").exists(), "no stage ran"
