@@ -12,7 +12,7 @@ import pytest
 import torch
 from train_fixtures import base_config, build_inputs, run_train, shared_inputs
 
-from mpafer.errors import ArtifactError, ConfigError, DivergedError
+from mpafer.errors import ArtifactError, ConfigError, DataError, DivergedError
 from mpafer.train.checkpoint import list_checkpoints, load_checkpoint
 
 RESULT_FILES = ("prompts.safetensors", "train.json")
@@ -172,3 +172,37 @@ def test_cli_exit_code_of_a_diverged_run(tmp_path: Path) -> None:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "training diverged" in lines[0], err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ item 11
+def test_an_image_replaced_after_the_manifest_is_noticed_by_training_and_evaluation(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mpafer.train import evaluate
+
+    inputs = build_inputs(tmp_path / "work")
+    cfg = base_config(epochs=1)
+
+    def replace(path: Path) -> bytes:
+        before = path.read_bytes()
+        img = Image.open(path).convert("RGB")
+        img.putpixel((0, 0), tuple(255 - v for v in img.getpixel((0, 0))))
+        img.save(path)
+        return before
+
+    victim = sorted((inputs.root / "train" / "sadness").glob("*.png"))[1]
+    original = replace(victim)
+    with pytest.raises(DataError, match=f"{victim}: its bytes changed since the manifest was built; rebuild the "
+                                        f"manifest {inputs.manifest.name}"):
+        run_train(cfg, inputs, tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()
+    victim.write_bytes(original)  # the same bytes again (a new mtime): accepted
+    run_train(cfg, inputs, tmp_path / "run")
+
+    victim = sorted((inputs.root / "test" / "happiness").glob("*.png"))[0]
+    replace(victim)
+    victim2 = sorted((inputs.root / "test" / "neutral").glob("*.png"))[0]
+    victim2.unlink()
+    with pytest.raises(DataError, match=r"(image not found|its bytes changed).* \(2 images in all\)"):
+        evaluate(tmp_path / "run", inputs.manifest, split="test")
+    assert not (tmp_path / "run" / "summary.json").exists()

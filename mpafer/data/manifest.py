@@ -30,7 +30,7 @@ import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,37 @@ class Manifest:
             raise DataError(
                 f"class(es) {', '.join(empty)} have no training images in manifest {self.path}: {purpose} needs "
                 "at least one per class (this manifest can be evaluated on, not trained on)"
+            )
+
+    def verify_files(self, splits: Sequence[str]) -> None:
+        """Raise :class:`DataError` when an image of ``splits`` is gone or its bytes are no longer the ones
+        the manifest recorded (replaced or edited after the build): a run would learn from, or score,
+        images its key does not describe.
+
+        Cheap: the manifest folder's hash cache maps ``(path, size, mtime_ns)`` to a sha256, so unchanged
+        files are only ``stat``-ed; a replaced file has a new size or mtime and is hashed again.
+        """
+        mask = [s in splits for s in self.table.column("split").to_pylist()]
+        rel = [p for p, m in zip(self.table.column("path").to_pylist(), mask, strict=True) if m]
+        expected = [h for h, m in zip(self.table.column("sha256").to_pylist(), mask, strict=True) if m]
+        prefix = os.path.join(self.root, "")
+        try:
+            cache: HashCache | None = HashCache(_ensure_cache_dir(self.path.parent) / CACHE_FILE)
+        except (OSError, ArtifactError):  # a read-only manifest folder: hash without remembering
+            cache = None
+        try:
+            checks = hash_files([prefix + p for p in rel], cache, default_workers())
+        finally:
+            if cache is not None:
+                cache.close()
+        changed = [(p, chk) for p, sha, chk in zip(rel, expected, checks, strict=True) if chk.sha256 != sha]
+        if changed:
+            path, chk = changed[0]
+            what = chk.error if chk.sha256 is None else "its bytes changed since the manifest was built"
+            more = f" ({len(changed)} images in all)" if len(changed) > 1 else ""
+            raise DataError(
+                f"{self.root / path}: {what}{more}; rebuild the manifest {self.path.name} (mpafer manifest; "
+                "mpafer run notices changed files on its own)"
             )
 
     def split_counts(self) -> dict[str, int]:

@@ -64,6 +64,7 @@ def load_inputs(cfg: Config, manifest_path: PathLike, text_features_path: PathLi
     manifest = load_manifest(manifest_path)
     if cfg.model.trainable and cfg.train.epochs > 0:
         manifest.require_training_images("training")
+    manifest.verify_files(("train", "val"))  # the images a run reads are the ones its key names
     classes = list(manifest.classes)
     targets = None
     if text_features_path is not None:

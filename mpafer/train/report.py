@@ -353,6 +353,7 @@ def evaluate(
     items = manifest.items(split)
     if not items:
         raise DataError(f"manifest {manifest_path} has no '{split}' images")
+    manifest.verify_files((split,))  # scores of the images the manifest names, not of their replacements
     run = load_run(run_dir, device=device)
     if list(manifest.classes) != run.classes:
         raise DataError(f"manifest classes {list(manifest.classes)} differ from the run's classes {run.classes}")
