@@ -61,6 +61,23 @@ def _only_escapes(s: str) -> bool:
     return all(not ("\ud800" <= ch <= "\udfff") or "\udc80" <= ch <= "\udcff" for ch in s)
 
 
+def _from_worker(message: str) -> str:
+    """The original message of an error raised in a ``DataLoader`` worker process.
+
+    PyTorch re-raises a worker's exception in the main process as ``type(exc)(text)`` where ``text`` is
+    "Caught DataError in DataLoader worker process 0. Original Traceback (...)" followed by the whole
+    traceback; its last line is ``mpafer.errors.DataError: <the message>``. Without this the one
+    ``error:`` line would carry the traceback.
+    """
+    if not (message.startswith("Caught ") and " in DataLoader worker process " in message.split("\n", 1)[0]):
+        return message
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    head, sep, rest = last.partition(": ")
+    where = message.split("\n", 1)[0].removeprefix("Caught ").split(" in ", 1)[1].rstrip(".")
+    return f"{rest if sep and ' ' not in head else last} (in {where})"
+
+
 class MpaferError(Exception):
     """An error caused by the user's input or environment (not a bug).
 
@@ -71,7 +88,7 @@ class MpaferError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message = printable(message)  # always one line
+        self.message = printable(_from_worker(message))  # always one line
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message

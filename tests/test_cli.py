@@ -96,3 +96,27 @@ def test_a_bug_is_exit_1_with_one_line_and_the_traceback_in_a_file(
     assert main(["manifest", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("error: internal")
+
+
+def test_an_error_raised_in_a_data_loading_worker_is_its_own_one_line(capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch re-raises a worker's exception with the whole worker traceback as its message; the line keeps
+    only the original message (and where it came from)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from mpafer.errors import DataError
+
+    class Broken(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> None:
+            raise DataError("/faces/x.png: unreadable image (broken data)")
+
+    def manifest(*args: object, **kwargs: object) -> None:
+        list(DataLoader(Broken(), num_workers=1))
+
+    monkeypatch.setattr("mpafer.data.manifest.build_manifest", manifest)
+    assert main(["manifest", "--root", "."]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: /faces/x.png: unreadable image (broken data) (in DataLoader worker process 0)"], err
