@@ -161,6 +161,9 @@ _OS_ADVICE: dict[int, str] = {
     errno.EACCES: "permission denied; make the folder writable for this user or choose another one",
     errno.EPERM: "operation not permitted; make the folder writable for this user or choose another one",
     errno.ENOTDIR: "a part of this path is a file, not a folder; remove it or choose another path",
+    # mkdir(exist_ok=True) of a path that is a file (``--run-dir`` naming a file, a file named like a folder)
+    errno.EEXIST: "something other than a folder is already there (a file in the place of a folder?); remove it "
+    "or choose another path",
     errno.EISDIR: "this is a folder where a file is needed; choose another path",
     errno.ELOOP: "too many levels of symbolic links (a symlink loop?); fix the link",
     errno.ENAMETOOLONG: "the file name is too long for this file system",

@@ -48,6 +48,7 @@ def _manifest_raising(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> No
     ("EROFS", "the file system is read-only"),
     ("EACCES", "permission denied"),
     ("ENOTDIR", "a part of this path is a file, not a folder"),
+    ("EEXIST", "something other than a folder is already there"),
 ])
 def test_file_system_errors_are_one_line_exit_6_naming_the_path(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, errno_name: str, advice: str

@@ -206,3 +206,22 @@ def test_an_image_replaced_after_the_manifest_is_noticed_by_training_and_evaluat
     with pytest.raises(DataError, match=r"(image not found|its bytes changed).* \(2 images in all\)"):
         evaluate(tmp_path / "run", inputs.manifest, split="test")
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_prompts_that_give_nan_scores_are_no_prediction(tmp_path: Path) -> None:
+    """A run whose prompts exploded (trained before the guard existed, or edited): predict, explain and
+    evaluate refuse its nan scores with one line instead of printing NaN probabilities (exit 0)."""
+    from mpafer.train import evaluate, predict
+    from mpafer.train.explain import explain_paths
+    from mpafer.train.predict import load_prompts, load_run, save_prompts
+
+    inputs = shared_inputs()
+    run_dir = tmp_path / "run"
+    run_train(base_config(epochs=1), inputs, run_dir)
+    tensors, meta = load_prompts(run_dir / "prompts.safetensors")
+    save_prompts(run_dir / "prompts.safetensors", {k: v * 1e30 for k, v in tensors.items()}, meta)
+    image = sorted((inputs.root / "test" / "neutral").glob("*.png"))[0]
+    for call in (lambda: predict(run_dir, [image]), lambda: explain_paths(load_run(run_dir), [image]),
+                 lambda: evaluate(run_dir, inputs.manifest, split="test", force=True)):
+        with pytest.raises(DivergedError, match=r"class scores are not finite \(nan or inf\) for \d+ of \d+ images"):
+            call()

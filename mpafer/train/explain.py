@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mpafer.errors import DataError, MpaferError
+from mpafer.train.inference import check_finite_scores
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,6 +109,7 @@ def explain_images(run: LoadedRun, images: Sequence[tuple[str, Image.Image]],
         _, sims = model.patch_scores(x, text)  # type: ignore[operator]
     grid = tuple(int(g) for g in model.image.visual.grid_size)  # type: ignore[union-attr]
     k = min(int(model.topk), sims.shape[1])  # type: ignore[arg-type]
+    check_finite_scores(model, out.logits.float())
     probs = out.logits.float().softmax(dim=-1).cpu()
     s_local = out.aux.get("s_local")
     mean = torch.tensor(run.backbone.mean, dtype=torch.float32).view(3, 1, 1)

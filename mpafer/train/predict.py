@@ -27,6 +27,7 @@ from mpafer.artifacts import atomic_path
 from mpafer.config import Config, ModelConfig, build_config
 from mpafer.errors import ArtifactError, DataError, MpaferError
 from mpafer.runtime import Precision, autocast, resolve_amp, train_device
+from mpafer.train.inference import check_finite_scores
 from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ def predict_loaded(run: LoadedRun, images: Sequence[str | os.PathLike[str]], top
             x = torch.stack([t for _, t in chunk]).to(run.device)
             with autocast(run.device, run.precision):
                 out = run.model(x, text_features=text_features)
+            check_finite_scores(run.model, out.logits.float())  # nan scores are no prediction
             probs = out.logits.float().softmax(dim=-1).cpu()
             values, idx = probs.topk(k, dim=-1)
             for row, (i, _) in enumerate(chunk):
