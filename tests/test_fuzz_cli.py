@@ -1,5 +1,5 @@
 """Fuzzing the command line in the spirit of issue 14's cases: file names and special files in a dataset,
-LLM server replies, config values. Every run must end with exit 0 or the exit code of the input's class
+LLM server replies, config values, run folders left in any state. Every run must end with exit 0 or the exit code of the input's class
 and exactly one ``error:`` line: never a traceback, never exit 1 (a bug), never a hang (each test has a
 timeout; hypothesis draws a bounded number of examples, about a minute in all on two cores).
 """
@@ -161,3 +161,67 @@ def test_config_values_are_accepted_or_one_line(tmp_path_factory: pytest.TempPat
     for item in items:
         argv += ["--set", item]
     assert_clean(*run_cli(argv), allowed={2})
+
+
+# ------------------------------------------------------------------------------------------ run folders
+#: Each file a run folder may hold, and what a previous (crashed, foreign or damaged) run may have left there.
+RUN_FOLDER = st.fixed_dictionaries({
+    "run.json": st.sampled_from([None, "other key", "garbage", "not an object"]),
+    "checkpoints": st.sampled_from([None, "empty folder", "a file", "damaged checkpoint", "stale temporary"]),
+    "train.json": st.sampled_from([None, "garbage"]),
+    "prompts.safetensors": st.sampled_from([None, "garbage"]),
+    "metrics.jsonl": st.sampled_from([None, "garbage"]),
+    "config.json": st.sampled_from([None, "garbage"]),
+})
+TRAIN_SETS = st.sampled_from([(), ("model.vpt_depth=99",), ("model.topk=100000",),
+                              ("train.lr=1e30", "train.warmup_epochs=0"), ("train.epochs=0",)])
+
+
+def _leave(run_dir: Path, state: dict[str, str | None]) -> None:
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    texts = {"other key": json.dumps({"config_key": "0" * 64}), "garbage": "\x00{not json", "not an object": "[1]"}
+    for name in ("run.json", "train.json", "prompts.safetensors", "metrics.jsonl", "config.json"):
+        if state[name] is not None:
+            (run_dir / name).write_text(texts[str(state[name])])
+    ckpt = state["checkpoints"]
+    if ckpt == "a file":
+        (run_dir / "checkpoints").write_text("not a folder")
+    elif ckpt is not None:
+        (run_dir / "checkpoints").mkdir()
+        if ckpt == "damaged checkpoint":
+            (run_dir / "checkpoints" / "ckpt-00000001.pt").write_bytes(os.urandom(100))
+            (run_dir / "checkpoints" / "ckpt-00000001.pt.sha256").write_text("0" * 64 + "\n")
+        elif ckpt == "stale temporary":
+            (run_dir / "checkpoints" / ".tmp-ckpt-00000001.pt.x").write_bytes(b"half")
+
+
+@pytest.mark.timeout(300)
+@settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 5))
+@given(state=RUN_FOLDER, sets=TRAIN_SETS)
+def test_train_in_any_run_folder_is_clean_and_a_failed_start_writes_nothing(
+    tmp_path_factory: pytest.TempPathFactory, state: dict[str, str | None], sets: tuple[str, ...]
+) -> None:
+    """``mpafer train`` into a folder left in any state by earlier runs, with a config that may not fit the
+    CLIP or may diverge: exit 0 or the failure's class with one line; a start refused for its config (the
+    model cannot be built) adds neither config.json nor run.json."""
+    import yaml
+    from train_fixtures import base_config, shared_inputs
+
+    inputs = shared_inputs()
+    work = tmp_path_factory.mktemp("fuzz-run")
+    config = work / "tiny.yaml"
+    config.write_text(yaml.safe_dump(base_config(epochs=1).model_dump(mode="json")))
+    run_dir = work / "run"
+    _leave(run_dir, state)
+    before = {n: (run_dir / n).read_bytes() if (run_dir / n).is_file() else None for n in ("run.json", "config.json")}
+    argv = ["train", "--no-progress", "--config", str(config), "--manifest", str(inputs.manifest),
+            "--text-features", str(inputs.text_features), "--prototypes", str(inputs.prototypes),
+            "--run-dir", str(run_dir), *[a for item in sets for a in ("--set", item)]]
+    code, out, err = run_cli(argv)
+    assert_clean(code, out, err, allowed={2, 3, 6})
+    if sets and sets[0].startswith("model."):
+        assert code != 0, err
+        after = {n: (run_dir / n).read_bytes() if (run_dir / n).is_file() else None for n in before}
+        assert after == before, "a start refused for its config wrote run files"
