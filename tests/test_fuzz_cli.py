@@ -1,7 +1,8 @@
 """Fuzzing the command line in the spirit of issue 14's cases: file names and special files in a dataset,
-LLM server replies, config values, run folders left in any state. Every run must end with exit 0 or the exit code of the input's class
-and exactly one ``error:`` line: never a traceback, never exit 1 (a bug), never a hang (each test has a
-timeout; hypothesis draws a bounded number of examples, about a minute in all on two cores).
+LLM server replies, config values, run folders left in any state. Every run must end with exit 0 or the
+exit code of the input's class and exactly one ``error:`` line: never a traceback, never exit 1 (a bug),
+never a hang (each test has a timeout; hypothesis draws a bounded number of examples, about a minute in
+all on two cores).
 """
 
 from __future__ import annotations
