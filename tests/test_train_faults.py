@@ -225,3 +225,28 @@ def test_prompts_that_give_nan_scores_are_no_prediction(tmp_path: Path) -> None:
                  lambda: evaluate(run_dir, inputs.manifest, split="test", force=True)):
         with pytest.raises(DivergedError, match=r"class scores are not finite \(nan or inf\) for \d+ of \d+ images"):
             call()
+
+
+def test_a_moved_run_finds_its_own_text_features_and_refuses_changed_ones(tmp_path: Path) -> None:
+    """zeroshot/vpt classify with the hard-prompt text features recorded in run.json: a project folder moved
+    whole uses its own copy (seen from the run folder), and a file with other bytes is refused."""
+    import shutil
+
+    from mpafer.train import predict, train
+
+    inputs = shared_inputs()
+    project = tmp_path / "project"
+    (project / "features").mkdir(parents=True)
+    features = Path(shutil.copy(inputs.text_features, project / "features"))
+    cfg = base_config(epochs=1)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"variant": "vpt"})})
+    train(cfg, inputs.manifest, features, None, project / "runs" / "vpt", progress=False)
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+    image = sorted((inputs.root / "test" / "sadness").glob("*.png"))[0]
+    (pred,) = predict(moved / "runs" / "vpt", [image])
+    assert pred.ok and len(pred.top) == 3
+
+    (moved / "features" / features.name).write_bytes(inputs.prototypes.read_bytes())  # other bytes, same name
+    with pytest.raises(ArtifactError, match="text features, but the file recorded in .* is missing or changed"):
+        predict(moved / "runs" / "vpt", [image])

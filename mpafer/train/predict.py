@@ -28,7 +28,7 @@ from mpafer.config import Config, ModelConfig, build_config
 from mpafer.errors import ArtifactError, DataError, MpaferError
 from mpafer.runtime import Precision, autocast, resolve_amp, train_device
 from mpafer.train.inference import check_finite_scores
-from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE
+from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE, recorded_input
 
 if TYPE_CHECKING:
     from mpafer.clip.backbone import Backbone
@@ -194,11 +194,12 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
         if not cfg.model.use_text_prompts:
             targets = exported.class_targets(classes)
     elif not cfg.model.use_text_prompts:  # zeroshot / vpt: the classifier is the hard-prompt class targets
-        tf_path = (info.get("inputs") or {}).get("text_features")
-        if not tf_path or not Path(tf_path).is_file():
+        tf_path = recorded_input(run_dir, info, "text_features")
+        if tf_path is None:
+            recorded = (info.get("inputs") or {}).get("text_features")
             raise ArtifactError(
                 f"model.variant={cfg.model.variant} classifies with the hard-prompt text features, "
-                f"but the file recorded in {run_dir / RUN_FILE} is missing: {tf_path}"
+                f"but the file recorded in {run_dir / RUN_FILE} is missing or changed: {recorded}"
             )
         from mpafer.clip.text_features import load_text_features
 

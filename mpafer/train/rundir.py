@@ -10,6 +10,7 @@ another run (another key) that finished a step is refused.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ __all__ = [
     "TRAIN_RESULT_FILE",
     "prompt_metadata",
     "read_run",
+    "recorded_input",
     "start_run",
     "write_final_files",
     "write_metrics",
@@ -103,10 +105,30 @@ def start_run(run_dir: Path, cfg: Config, key: str, inputs: RunInputs) -> None:
         "config_key": key,
         "classes": inputs.classes,
         "inputs": inputs.paths,
+        # the same files seen from the run folder: a project folder copied or moved whole finds its own
+        "inputs_relative": {name: os.path.relpath(p, run_dir.resolve()) if p else None
+                            for name, p in inputs.paths.items()},
         "input_keys": inputs.input_keys,
         "n_train": inputs.n_train,
         "n_val": inputs.n_val,
     })
+
+
+def recorded_input(run_dir: Path, info: Mapping[str, Any], name: str) -> Path | None:
+    """The input file ``name`` (``text_features``, ...) that ``run.json`` (``info``) records: seen from the run
+    folder first (a project folder copied or moved whole), else at its absolute path; only a file whose
+    sha256 is the recorded one (``None`` when there is none)."""
+    from mpafer.artifacts import sha256_file
+
+    expected = (info.get("input_keys") or {}).get(name)
+    candidates = [(info.get("inputs_relative") or {}).get(name), (info.get("inputs") or {}).get(name)]
+    for text in candidates:
+        if not text:
+            continue
+        path = Path(text) if Path(text).is_absolute() else run_dir / text
+        if path.is_file() and (expected is None or name == "manifest" or sha256_file(path) == expected):
+            return path
+    return None
 
 
 def prompt_metadata(cfg: Config, backbone: Backbone, classes: Sequence[str], key: str) -> dict[str, Any]:
