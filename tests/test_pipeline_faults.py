@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
 from flows_fixtures import tiny_config  # noqa: E402
+from reliability_fixtures import FAULTS  # noqa: E402
 from test_property_inputs import run_cli  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
@@ -233,19 +234,8 @@ def test_an_evaluation_only_manifest_is_written_and_refused_by_training(
 
 
 # ------------------------------------------------------------------------------------------ full disk under run
-#: (writer, target pattern, stage, label), in the order ``run`` calls them; each is answered with ENOSPC.
-ENOSPC_FAULTS = [
-    ("parquet", r"/data_manifests/\.tmp-folder-[0-9a-f]{16}\.parquet\.", "manifest", "manifest Parquet"),
-    ("bytes", r"/descriptions/\.tmp-describe-", "describe", "describe record"),
-    ("parquet", r"/features/\.tmp-text-[^/]+/\.tmp-", "text_features", "text-feature Parquet"),
-    ("parquet", r"/features/\.tmp-prototypes-[^/]+/\.tmp-", "prototypes", "prototype Parquet"),
-    ("torch", r"/checkpoints/\.tmp-ckpt-", "train", "training checkpoint"),
-    ("safetensors", r"/\.tmp-prompts\.safetensors\.", "train", "prompts.safetensors"),
-    ("bytes", r"/\.tmp-pipeline-train\.json\.", "train", "train stage record"),
-    ("png", r"/\.tmp-confusion\.png\.", "evaluate", "confusion-matrix PNG"),
-    ("bytes", r"/\.tmp-summary\.json\.", "evaluate", "summary.json"),
-    ("bytes", r"/pipeline_runs/\.tmp-", None, "pipeline summary"),
-]
+#: Every writer of ``run`` (the cached descriptions write no LLM answers file), each answered with ENOSPC.
+ENOSPC_FAULTS = [f for f in FAULTS if f[3] != "LLM descriptions JSON"]
 
 
 def _enospc(target: Path) -> OSError:

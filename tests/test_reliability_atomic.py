@@ -39,6 +39,7 @@ pytest.register_assert_rewrite("flows_fixtures")
 from flows_fixtures import tiny_config  # noqa: E402
 from llm_fixtures import FakeLLMServer  # noqa: E402
 from reliability_fixtures import (  # noqa: E402
+    FAULTS,
     Fault,
     InjectedCrash,
     StageSpy,
@@ -132,25 +133,6 @@ def test_writers_bypassing_artifacts_helpers() -> None:
 
 
 # ------------------------------------------------------------------------------------------ interrupted writers
-#: Every writer the pipeline calls, in the order a run calls them. A fault in stage S must leave the
-#: stages before S reusable and S redone on the next run.
-FAULTS: list[tuple[str, str, str | None, str]] = [
-    ("parquet", r"/data_manifests/\.tmp-folder-[0-9a-f]{16}\.parquet\.", "manifest", "manifest Parquet"),
-    ("bytes", r"/data_manifests/\.tmp-index-", "manifest", "manifest index record"),
-    ("bytes", r"/descriptions/\.tmp-(?!describe-)[^/]*\.json\.", "describe", "LLM descriptions JSON"),
-    ("bytes", r"/descriptions/\.tmp-describe-", "describe", "describe record"),
-    ("parquet", r"/features/\.tmp-text-[^/]+/\.tmp-", "text_features", "text-feature Parquet"),
-    ("parquet", r"/features/\.tmp-prototypes-[^/]+/\.tmp-", "prototypes", "prototype Parquet"),
-    ("torch", r"/checkpoints/\.tmp-ckpt-", "train", "training checkpoint"),
-    ("safetensors", r"/\.tmp-prompts\.safetensors\.", "train", "prompts.safetensors"),
-    ("bytes", r"/runs/[^/]+/\.tmp-train\.json\.", "train", "train.json (training result)"),
-    ("bytes", r"/\.tmp-pipeline-train\.json\.", "train", "train stage record"),
-    ("png", r"/\.tmp-confusion\.png\.", "evaluate", "confusion-matrix PNG"),
-    ("bytes", r"/\.tmp-report\.md\.", "evaluate", "report.md"),
-    ("bytes", r"/\.tmp-summary\.json\.", "evaluate", "summary.json"),
-    ("bytes", r"/\.tmp-evaluate-test\.json\.", "evaluate", "evaluate record"),
-    ("bytes", r"/pipeline_runs/\.tmp-", None, "pipeline summary"),
-]
 
 
 def test_interrupted_writer_leaves_nothing_and_only_its_step_reruns(
