@@ -712,6 +712,8 @@ def _eval_record(cfg: Config, record: Path, key: str) -> dict[str, Any]:
         if not Path(rec[name]).is_file():
             raise ArtifactError(f"{rec[name]} is missing")
     rec["figures"] = [str(_recorded_path(cfg, f)) for f in rec.get("figures") or []]
+    if rec.get("predictions_path"):
+        rec["predictions_path"] = str(_recorded_path(cfg, rec["predictions_path"]))
     summary = Path(rec["summary_path"])
     if "summary_sha256" in rec and sha256_file(summary) != rec["summary_sha256"]:
         raise ArtifactError(f"{summary} changed since it was recorded")
@@ -781,6 +783,7 @@ def stage_evaluate(
         summary, summary_path, report_path, figures = _evaluate_run(
             cfg, Path(train.path), manifest, split, dict(timings or {}), refresh
         )
+        predictions = (summary.get("artifacts") or {}).get("predictions")
         rec = {
             "key": plan.key,
             "split": split,
@@ -792,7 +795,7 @@ def stage_evaluate(
             "mean_class_accuracy": summary.get("mean_class_accuracy"),
             "macro_f1": summary.get("macro_f1"),
             "zeroshot_accuracy": (summary.get("zeroshot") or {}).get("accuracy"),
-            "predictions_path": (summary.get("artifacts") or {}).get("predictions"),
+            "predictions_path": _record_path(cfg, predictions) if predictions else None,
             "n_test": summary.get("n_test"),
             "finished_at": _now(),
         }
