@@ -12,7 +12,7 @@ Deployments (the same names ``prefect.yaml`` defines for the ``mpafer-pool`` pro
     re-fingerprints the dataset: unchanged data costs seconds (every task is a cache hit); new or changed
     images give a new manifest key, and the prototypes, training and evaluation run again.
 ``mpa-fer-<stage>/<name>``
-    One per stage flow (manifest, describe, text-features, prototypes, train, evaluate).
+    One per stage flow (manifest, describe, text-features, prototypes, image-features, train, evaluate).
 
 Needs a Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at it).
 """

@@ -3,8 +3,9 @@
 Each stage flow runs the pipeline *up to and including* its stage (:func:`mpafer.pipeline.stages_until`):
 the upstream tasks are cache hits when their artifacts exist, so ``mpa-fer-text-features`` costs the text
 features and nothing else on a warm project. The flows are ``manifest_flow``, ``describe_flow``,
-``text_features_flow``, ``prototypes_flow``, ``train_flow`` and ``evaluate_flow`` (``<stage>_flow``, the
-names ``prefect.yaml`` points at), one per entry of :data:`mpafer.pipeline.GRAPH`.
+``text_features_flow``, ``prototypes_flow``, ``image_features_flow``, ``train_flow`` and ``evaluate_flow``
+(``<stage>_flow``, the names ``prefect.yaml`` points at), one per entry of :data:`mpafer.pipeline.GRAPH`; a
+stage the config does not need is left out (:func:`mpafer.pipeline.needed_stages`).
 
 Flow parameters (the same for every flow here and for ``mpa-fer-pipeline``):
 
@@ -39,6 +40,7 @@ from mpafer.pipeline import (
     Stage,
     StageResult,
     check_stage_result,
+    needed_stages,
     preflight,
     prepare_config,
     refresh_set,
@@ -99,7 +101,7 @@ def execute(cfg: Config, until: str = "evaluate") -> tuple[Config, dict[str, Sta
 
 
 def _execute(cfg: Config, until: str) -> tuple[Config, dict[str, StageResult]]:
-    todo = stages_until(until)  # an unknown stage fails here, before any work
+    todo = needed_stages(cfg, stages_until(until))  # an unknown stage fails here, before any work
     names = [s.name for s in todo]
     logger = get_run_logger()
     force = refresh_set(cfg)
@@ -114,7 +116,7 @@ def _execute(cfg: Config, until: str) -> tuple[Config, dict[str, StageResult]]:
 
     try:
         while todo or running:
-            ready = [s for s in todo if all(u in out for u in s.upstream)]
+            ready = [s for s in todo if all(u in out for u in s.upstream if u in names)]
             for stage in ready:
                 todo.remove(stage)
             for stage in ready[1:]:

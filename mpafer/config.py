@@ -33,7 +33,10 @@ CANONICAL_CLASSES: tuple[str, ...] = (
 DatasetName = Literal["rafdb", "ferplus", "affectnet7", "affectnet8", "fer2013", "folder", "csv"]
 Granularity = Literal["coarse", "task", "fine"]
 #: The pipeline's stages (``mpafer.pipeline.GRAPH`` declares what each one reads and runs).
-StageName = Literal["manifest", "describe", "text_features", "prototypes", "train", "evaluate"]
+StageName = Literal["manifest", "describe", "text_features", "prototypes", "image_features", "train", "evaluate"]
+#: The study's own steps besides the pipeline's stages (``mpafer.study``): a derived manifest, an evaluation
+#: on other classes than the run learned, and the table over every run.
+StudyStepName = Literal["subset", "transfer", "aggregate"]
 Variant = Literal[
     "zeroshot",  # frozen CLIP with hard-prompt class targets, no learning
     "coop",  # text soft prompts only, global score, cross-entropy
@@ -44,6 +47,13 @@ Variant = Literal[
     "soft+visual+proto+align",  # row 4: + soft-hard alignment (L_t)
     "mpa",  # row 5: + CGLA == full MPA-FER
 ]
+#: The rows of the ablation table with the zero-shot, CoOp and VPT-deep baselines, in table order (``soft`` is
+#: the same model as ``coop``).
+ABLATION_VARIANTS: tuple[str, ...] = (
+    "zeroshot", "coop", "vpt", "soft+visual", "soft+visual+proto", "soft+visual+proto+align", "mpa",
+)
+#: The evaluation protocols of ``mpafer study`` (docs/STUDY.md).
+StudyProtocol = Literal["full", "fewshot", "b2n", "cross"]
 
 
 def url_problem(url: str) -> str | None:
@@ -263,6 +273,12 @@ class ModelConfig(_Model):
         return self.variant == "mpa"
 
     @property
+    def frozen_image_tower(self) -> bool:
+        """The image tower is the plain frozen encoder (no visual prompts, no CGLA), so its features can be
+        computed once and reused (``train.frozen_features``)."""
+        return not self.use_visual_prompts and not self.use_cgla
+
+    @property
     def trainable(self) -> bool:
         return self.variant != "zeroshot"
 
@@ -298,6 +314,13 @@ class TrainConfig(_Model):
     num_workers: int = Field(2, ge=0)
     #: Decode and resize images once into a uint8 tensor cache; augment on the device.
     image_cache: Literal["auto", "on", "off"] = "auto"
+    #: Variants whose image tower is the plain frozen encoder (``zeroshot``, ``coop``, ``soft``): ``auto``
+    #: trains and evaluates them from frozen image features computed once (the ``image_features`` stage);
+    #: ``off`` runs the encoder on every batch. Keyed through that stage's artifact (docs/METHOD.md §5).
+    frozen_features: Literal["auto", "off"] = "auto"
+    #: Augmented views per training image in the frozen-feature artifact (with ``augment``): epoch e shows
+    #: each image one of them, picked by the run's seed; without ``augment``, the un-augmented view only.
+    feature_views: int = Field(4, ge=1, le=64)
     #: Also checkpoint every N optimisation steps (0 = only at epoch ends).
     checkpoint_every_steps: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -325,6 +348,10 @@ class TrainConfig(_Model):
     #: The seed loop: the pipeline's train stage trains one run per seed, each with ``seed`` set and
     #: ``seeds`` unset (``mpafer.train.seeds.seed_config``), so ``seeds`` keys the stage, not a run.
     SEED_LOOP_FIELDS: ClassVar[frozenset[str]] = frozenset({"seeds"})
+    #: Fields that decide whether and how a run reads frozen image features. They change what a run learns
+    #: only when it reads them, so both run keys read them through the features artifact's key (an input of
+    #: the run), never directly: a run with visual prompts keeps its key whatever they say.
+    FEATURE_FIELDS: ClassVar[frozenset[str]] = frozenset({"frozen_features", "feature_views"})
 
     @field_validator("seeds")
     @classmethod
@@ -338,6 +365,12 @@ class TrainConfig(_Model):
                 raise ValueError(f"seeds must be distinct; repeated: {', '.join(map(str, repeated))}")
         return v
 
+    @field_validator("frozen_features", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML (and so ``--set train.frozen_features=off``) reads a bare off as False
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
         if self.epochs and self.warmup_epochs > self.epochs:
@@ -347,7 +380,7 @@ class TrainConfig(_Model):
     def result_fields(self, *, one_run: bool = False) -> dict[str, Any]:
         """The fields that decide what training learns (JSON values): all but :attr:`OPERATIONAL_FIELDS`,
         and for ``one_run`` (the training loop's key) also without the seed loop."""
-        exclude = self.OPERATIONAL_FIELDS | (self.SEED_LOOP_FIELDS if one_run else frozenset())
+        exclude = self.OPERATIONAL_FIELDS | self.FEATURE_FIELDS | (self.SEED_LOOP_FIELDS if one_run else frozenset())
         return self.model_dump(mode="json", exclude=set(exclude))
 
     @property
@@ -375,6 +408,72 @@ class PipelineConfig(_Model):
     lock_timeout_s: float = Field(3600.0, gt=0)
 
 
+def _distinct(v: list[Any], what: str) -> list[Any]:
+    if not v:
+        raise ValueError(f"give at least one {what}")
+    repeated = sorted({str(x) for x in v if v.count(x) > 1})
+    if repeated:
+        raise ValueError(f"{what}s must be distinct; repeated: {', '.join(repeated)}")
+    return v
+
+
+class StudyConfig(_Model):
+    """What ``mpafer study`` runs (docs/STUDY.md): every variant × seed × setting of one protocol, each run
+    through the pipeline's own stages and keys, then one table."""
+
+    #: ``full`` (all training images), ``fewshot`` (``shots`` images per class), ``b2n`` (train on the base
+    #: classes, evaluate base and novel), ``cross`` (train here, evaluate on ``target`` too).
+    protocol: StudyProtocol = "full"
+    #: The table's rows (``model.variant`` values).
+    variants: list[Variant] = Field(default_factory=lambda: list(ABLATION_VARIANTS))
+    #: One run per seed and row (``train.seed``); rows report mean ± std and a t interval over them.
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    #: ``fewshot``: training images per class; each seed draws its own subset.
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    #: ``b2n``: the base classes; ``None`` = the first half (rounded up) of the dataset's classes in canonical
+    #: order. The others are the novel classes.
+    base_classes: list[str] | None = None
+    #: ``cross``: the dataset evaluated on (its test split) besides the training dataset's own test split.
+    target: DataConfig | None = None
+    #: Coverage of the interval of each row's mean (Student's t over the seeds).
+    confidence: float = Field(0.95, gt=0, lt=1)
+    #: Runs at the same time under Prefect (each still takes every CPU thread torch gives it).
+    workers: int = Field(1, ge=1, le=64)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[str]) -> list[str]:
+        return _distinct(v, "variant")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return _distinct(v, "seed")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("shots must be at least 1")
+        return _distinct(v, "shot")
+
+    @field_validator("base_classes")
+    @classmethod
+    def _base(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [c for c in v if c not in CANONICAL_CLASSES]
+        if bad:
+            raise ValueError(f"unknown classes {bad}; allowed: {', '.join(CANONICAL_CLASSES)}")
+        return _distinct(v, "base class")
+
+    @model_validator(mode="after")
+    def _cross_needs_target(self) -> StudyConfig:
+        if self.protocol == "cross" and self.target is None:
+            raise ValueError("protocol cross needs study.target (the dataset to evaluate on)")
+        return self
+
+
 class Config(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
@@ -382,6 +481,12 @@ class Config(_Model):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+
+    @property
+    def reads_frozen_features(self) -> bool:
+        """Whether this run trains and evaluates from frozen image features (``train.frozen_features``)."""
+        return self.train.frozen_features == "auto" and self.model.frozen_image_tower
 
     def resolve_path(self, p: Path) -> Path:
         """Resolve a relative path against the project folder (absolute paths pass through)."""

@@ -3,8 +3,9 @@
 ```
 stage 1 (data & knowledge)                                   stage 2 (learning)
  dataset ─► manifest ───────────────────────────────┐
- LLM / cached JSON ─► describe ─► text_features ─────┼─► train ─► evaluate
- frozen CLIP + manifest ─► prototypes ──────────────┘
+ LLM / cached JSON ─► describe ─► text_features ─────┤
+ frozen CLIP + manifest ─► prototypes ──────────────┼─► train ─► evaluate
+ frozen CLIP + manifest ─► image_features ──────────┘   (only variants without visual prompts)
 ```
 
 Every stage comes as a pair:
@@ -25,12 +26,14 @@ Artifacts live under ``cfg.pipeline.project_dir``::
     <data.manifest_dir>/               manifests + index-<step16>.json (source fingerprint → manifest)
     descriptions/                      LLM-generated descriptions + describe-<key16>.json records
     <pipeline.features_dir>/           text-<key16>.parquet (hard-prompt text features),
-                                       prototypes-<key16>.parquet
+                                       prototypes-<key16>.parquet, image-<key16>.parquet (frozen image features)
     runs/<name>-<key12>/               training run (checkpoints, prompts, summary.json, report.md, PNGs)
     pipeline_runs/                     one JSON summary per pipeline run (timings, keys, cached flags)
 
-:data:`GRAPH` declares the stages once (name, upstream stages); :func:`run_pipeline` runs them in order, and
-the Prefect tasks and flows (``flows/``) are derived from the same declaration.
+:data:`GRAPH` declares the stages once (name, upstream stages, when a run needs them); :func:`run_pipeline`
+runs them in order, and the Prefect tasks and flows (``flows/``) are derived from the same declaration. A
+stage a config does not need (``image_features`` for a variant with visual prompts) is not run, and the
+stages reading it get ``None``.
 """
 
 from __future__ import annotations
@@ -570,18 +573,57 @@ def stage_prototypes(cfg: Config, manifest: StageResult, *, refresh: bool = Fals
     return _result(plan, plan.path, plan.key, cached, t0)
 
 
+# ------------------------------------------------------------------------------------------ image features
+def needs_image_features(cfg: Config) -> bool:
+    """Whether a run of ``cfg`` trains and evaluates from frozen image features (``train.frozen_features``)."""
+    return cfg.reads_frozen_features
+
+
+def plan_image_features(cfg: Config, manifest: StageResult) -> StagePlan:
+    """Key = manifest key + CLIP model/identity/precision + autocast mode + the augmented views (their number
+    and the augmentation's settings; :func:`mpafer.clip.image_features.view_spec`)."""
+    from mpafer.clip.image_features import view_spec
+
+    key = content_key("image_features", manifest.key, _clip_fields(cfg), cfg.train.amp, view_spec(cfg.train))
+    path = features_dir(cfg) / f"image-{key[:16]}.parquet"
+    return StagePlan("image_features", key, path, lambda: is_valid_parquet(path))
+
+
+def stage_image_features(cfg: Config, manifest: StageResult, *, refresh: bool = False,
+                         progress: bool = True) -> StageResult:
+    """Frozen image features of every image of the manifest, and the augmented views of its training images
+    (:mod:`mpafer.clip.image_features`): what the variants without visual prompts train and evaluate from."""
+    t0 = time.perf_counter()
+    plan = plan_image_features(cfg, manifest)
+
+    def build() -> None:
+        from mpafer.clip.image_features import build_image_features
+
+        backbone = _backbone(cfg)
+        with _scratch_dir(plan.path.parent, "image") as tmp:
+            produced = build_image_features(backbone, manifest.path, tmp, cfg.train, batch_size=cfg.train.eval_batch_size,
+                                            num_workers=cfg.train.num_workers, amp=cfg.train.amp, progress=progress)
+            _move_into_place(produced, plan.path)
+
+    _, cached = _once(cfg, plan, refresh, lambda: None, build)
+    return _result(plan, plan.path, plan.key, cached, t0)
+
+
 # ------------------------------------------------------------------------------------------ train
 #: The train stage's completion record in the run folder (``train.json`` there is the training loop's own
 #: result file, which evaluation reads: the record must not overwrite it).
 TRAIN_RECORD = "pipeline-train.json"
 
 
-def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> str:
+def train_key(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult,
+              image_features: StageResult | None = None) -> str:
     """Key = manifest, text-feature and prototype keys + the model config + the train config fields that
-    change what is learned (:meth:`~mpafer.config.TrainConfig.result_fields`)."""
+    change what is learned (:meth:`~mpafer.config.TrainConfig.result_fields`) + the frozen image features'
+    key when the run reads them (a run through the encoder keeps the key it had before they existed)."""
+    features = [image_features.key] if image_features is not None and needs_image_features(cfg) else []
     return content_key(
         "train", manifest.key, text_features.key, prototypes.key, cfg.model.model_dump(mode="json"),
-        cfg.train.result_fields(),
+        cfg.train.result_fields(), *features,
     )
 
 
@@ -634,8 +676,9 @@ def _find_run_dir(cfg: Config, key: str) -> Path:
     return preferred
 
 
-def plan_train(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult) -> StagePlan:
-    key = train_key(cfg, manifest, text_features, prototypes)
+def plan_train(cfg: Config, manifest: StageResult, text_features: StageResult, prototypes: StageResult,
+               image_features: StageResult | None = None) -> StagePlan:
+    key = train_key(cfg, manifest, text_features, prototypes, image_features)
     run_dir = _find_run_dir(cfg, key)
     return StagePlan("train", key, run_dir / TRAIN_RECORD, lambda: bool(_train_record(run_dir, key)))
 
@@ -645,6 +688,7 @@ def stage_train(
     manifest: StageResult,
     text_features: StageResult,
     prototypes: StageResult,
+    image_features: StageResult | None = None,
     *,
     refresh: bool = False,
     on_epoch: Callable[[float, Mapping[str, Any]], None] | None = None,
@@ -653,9 +697,10 @@ def stage_train(
     ``train.seeds`` is set). A crashed run resumes from its checkpoints (the completion record is written
     only after training returns); ``refresh`` starts it from scratch. A progress bar shows on a terminal;
     ``on_epoch(fraction of the stage's epochs done, metrics row)`` is called at every epoch end (the
-    Prefect task's progress artifact)."""
+    Prefect task's progress artifact). ``image_features``: the frozen image features the variants without
+    visual prompts train from (``None``: through the image encoder)."""
     t0 = time.perf_counter()
-    plan = plan_train(cfg, manifest, text_features, prototypes)
+    plan = plan_train(cfg, manifest, text_features, prototypes, image_features)
     run_dir = plan.path.parent
 
     def done(rec: dict[str, Any], cached: bool) -> StageResult:
@@ -673,6 +718,7 @@ def stage_train(
 
         release_backbones()
         inputs = (manifest.path, text_features.path, prototypes.path)
+        features = image_features.path if image_features is not None and needs_image_features(cfg) else None
         seeds = seed_list(cfg) if cfg.train.seeds else [None]
         total = max(1, len(seeds) * cfg.train.epochs)
 
@@ -683,15 +729,15 @@ def stage_train(
 
         if cfg.train.seeds:
             for i, seed in enumerate(seeds):
-                train(seed_config(cfg, seed), *inputs, seed_dir(run_dir, seed),
+                train(seed_config(cfg, seed), *inputs, seed_dir(run_dir, seed), image_features_path=features,
                       on_epoch=report(i * cfg.train.epochs))
             out: dict[str, Any] = {"seeds": seeds}
         else:
-            out = train(cfg, *inputs, run_dir, on_epoch=report(0)) or {}
+            out = train(cfg, *inputs, run_dir, image_features_path=features, on_epoch=report(0)) or {}
         scalars = {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool, list)) or v is None}
         rec = {
             "key": plan.key,
-            "inputs": {s.stage: s.key for s in (manifest, text_features, prototypes)},
+            "inputs": {s.stage: s.key for s in (manifest, text_features, prototypes) + ((image_features,) if features else ())},
             "result": _jsonable(scalars),
             "finished_at": _now(),
         }
@@ -830,6 +876,9 @@ class Stage:
     about: str
     #: What this instance of the stage works on, for run names (``manifest-rafdb``, ``train-mpa-...``).
     label: Callable[[Config], str]
+    #: Whether a run of this config needs the stage; one that does not is not run, and the stages reading
+    #: it get ``None`` (``image_features`` for a variant with visual prompts).
+    needed: Callable[[Config], bool] = lambda cfg: True
 
     @property
     def upstream(self) -> tuple[str, ...]:
@@ -854,8 +903,10 @@ GRAPH: tuple[Stage, ...] = (
     Stage("text_features", ("describe", "classes"), "Hard-prompt text features of the frozen CLIP.",
           lambda c: c.clip.model),
     Stage("prototypes", ("manifest",), "Class prototypes from the frozen CLIP image encoder.", lambda c: c.clip.model),
-    Stage("train", ("manifest", "text_features", "prototypes"), "Train the prompts (resumes a crashed run).",
-          lambda c: f"{c.model.variant}-{c.clip.model}-{c.train.epochs}ep"),
+    Stage("image_features", ("manifest",), "Frozen image features, for the variants without visual prompts.",
+          lambda c: c.clip.model, needs_image_features),
+    Stage("train", ("manifest", "text_features", "prototypes", "image_features"),
+          "Train the prompts (resumes a crashed run).", lambda c: f"{c.model.variant}-{c.clip.model}-{c.train.epochs}ep"),
     Stage("evaluate", ("train", "manifest", "timings"), "Evaluate the trained prompts: summary, report and PNGs.",
           lambda c: "test"),
 )
@@ -882,8 +933,13 @@ def stages_until(name: str) -> list[Stage]:
 
 def stage_inputs(stage: Stage, results: Mapping[str, StageResult]) -> dict[str, Any]:
     """The keyword arguments (besides ``cfg`` and ``refresh``) of ``stage``'s functions, from the results
-    so far."""
-    return {i: _DERIVED[i][1](results) if i in _DERIVED else results[i] for i in stage.inputs}
+    so far (``None`` for a stage that was not needed)."""
+    return {i: _DERIVED[i][1](results) if i in _DERIVED else results.get(i) for i in stage.inputs}
+
+
+def needed_stages(cfg: Config, stages: Iterable[Stage] = GRAPH) -> list[Stage]:
+    """The ``stages`` a run of ``cfg`` needs (:attr:`Stage.needed`), in order."""
+    return [s for s in stages if s.needed(cfg)]
 
 
 def plan_stage(stage: str, inputs: Mapping[str, Any]) -> StagePlan:
@@ -924,7 +980,7 @@ def preflight(cfg: Config, stages: Iterable[str]) -> None:
     the image tower bounds (``vpt_depth``, ``topk``), read from the CLIP's config without loading it."""
     names = set(stages)
     _usable_project_dir(cfg)
-    if names & {"text_features", "prototypes", "train", "evaluate"}:
+    if names & {"text_features", "prototypes", "image_features", "train", "evaluate"}:
         from mpafer.clip.backbone import image_tower_shape
 
         shape = image_tower_shape(cfg.clip)
@@ -1010,7 +1066,7 @@ def run_pipeline(cfg: Config, refresh: Iterable[str] = ()) -> dict[str, Any]:
     preflight(cfg, STAGES)
     cfg = prepare_config(cfg)
     results: dict[str, StageResult] = {}
-    for stage in GRAPH:
+    for stage in needed_stages(cfg):
         results[stage.name] = stage.run(cfg, **stage_inputs(stage, results), refresh=stage.name in force)
         check_stage_result(stage.name, results, STAGES)
     release_backbones()

@@ -18,11 +18,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import PrefectServer, task_states, tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, PrefectServer, task_states, tiny_config  # noqa: E402
 from llm_fixtures import FakeLLMServer  # noqa: E402
 
 from mpafer.config import Config  # noqa: E402
-from mpafer.pipeline import STAGES  # noqa: E402
 
 pytest_plugins = ["flows_fixtures"]
 #: Flow-run id of each ``run_flow`` label.
@@ -38,8 +37,8 @@ def run_flow(cfg: Config, label: str, timings: dict[str, float]) -> tuple[dict[s
     timings[label] = round(time.perf_counter() - t0, 2)
     summary = state.result()
     states = task_states(state.state_details.flow_run_id)
-    assert set(states) == set(STAGES)
-    recomputed = [s for s in STAGES if states[s] != "Cached"]
+    assert set(states) == set(TINY_STAGES)
+    recomputed = [s for s in TINY_STAGES if states[s] != "Cached"]
     assert recomputed == summary["executed"], (states, summary["executed"])
     print(f"[flows] {label:<28} {timings[label]:7.2f} s  computed: {', '.join(recomputed) or '-'}")
     return summary, states
@@ -89,7 +88,7 @@ def flow_run_logs(flow_run_id: Any, contains: str, timeout: float = 30.0) -> lis
 
 
 def computed(states: dict[str, str]) -> list[str]:
-    return [s for s in STAGES if states[s] != "Cached"]
+    return [s for s in TINY_STAGES if states[s] != "Cached"]
 
 
 def test_selective_reexecution_through_prefect(prefect_server: PrefectServer, tmp_path: Path) -> None:
@@ -98,7 +97,7 @@ def test_selective_reexecution_through_prefect(prefect_server: PrefectServer, tm
     timings: dict[str, float] = {}
 
     summary, states = run_flow(cfg, "cold", timings)
-    assert computed(states) == list(STAGES)
+    assert computed(states) == list(TINY_STAGES)
     assert Path(summary["summary_path"]).is_file() and Path(summary["report_path"]).is_file()
     assert (project / "prefect_results").is_dir(), "results persist in the project folder"
     first_accuracy = summary["accuracy"]

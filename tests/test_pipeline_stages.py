@@ -20,14 +20,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, tiny_config  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.artifacts import atomic_write_json, atomic_write_text, write_parquet  # noqa: E402
 from mpafer.errors import ConfigError, DataError  # noqa: E402
 from mpafer.resources import CURATED_DESCRIPTIONS  # noqa: E402
 
-ALL = list(P.STAGES)
+ALL = list(TINY_STAGES)
 
 
 # ------------------------------------------------------------------------------------------ stand-ins
@@ -56,7 +56,7 @@ class StandIns:
         return write_parquet(table, Path(out_dir) / "pr.parquet", {"key": "y"})
 
     def train(self, cfg: Any, manifest_path: Any, text_path: Any, proto_path: Any, run_dir: Any,
-              progress: bool = True, on_epoch: Any = None) -> dict[str, Any]:
+              progress: bool = True, on_epoch: Any = None, image_features_path: Any = None) -> dict[str, Any]:
         self._note("train")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

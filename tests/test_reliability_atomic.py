@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, tiny_config  # noqa: E402
 from llm_fixtures import FakeLLMServer  # noqa: E402
 from reliability_fixtures import (  # noqa: E402
     FAULTS,
@@ -53,7 +53,7 @@ from mpafer.config import Config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-ALL = list(P.STAGES)
+ALL = list(TINY_STAGES)
 
 
 @pytest.fixture(scope="module")

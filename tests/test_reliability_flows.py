@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import PrefectServer, task_states, tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, PrefectServer, task_states, tiny_config  # noqa: E402
 from reliability_fixtures import Fault, inject, leftovers  # noqa: E402
 
 from mpafer.pipeline import STAGES  # noqa: E402
@@ -41,7 +41,7 @@ def test_damaged_prefect_results_cost_a_task_run_not_a_recompute(prefect_server:
     project = tmp_path / "proj"
     cfg = tiny_config(project)
     first, states = run_flow(cfg)
-    assert first["executed"] == list(STAGES) and set(states.values()) == {"Completed"}
+    assert first["executed"] == list(TINY_STAGES) and set(states.values()) == {"Completed"}
 
     results = [p for p in (project / "prefect_results").rglob("*") if p.is_file()]
     assert results, "task results are persisted in the project folder"
@@ -70,7 +70,7 @@ def test_stage_crash_inside_a_flow_run_then_rerun(prefect_server: PrefectServer,
     assert list((project / "features").glob("prototypes-*.parquet")) == [] and leftovers(project) == []
 
     summary, states = run_flow(cfg)
-    computed = [s for s in STAGES if states[s] != "Cached"]
+    computed = [s for s in TINY_STAGES if states[s] != "Cached"]
     assert computed == ["prototypes", "train", "evaluate"], states
     assert summary["executed"] == ["prototypes", "train", "evaluate"]
 
@@ -100,7 +100,7 @@ def test_task_results_are_json_and_a_planted_pickle_is_never_loaded(prefect_serv
     cfg = tiny_config(project)
     first, _ = run_flow(cfg)
     records = [p for p in (project / "prefect_results").rglob("*") if p.is_file()]
-    assert len(records) == len(STAGES)
+    assert len(records) == len(TINY_STAGES)
     for p in records:
         check_result_record(p.read_bytes())  # JSON, Prefect's JSON serializer, StageResult only
         value = JSONSerializer().loads(json.loads(p.read_bytes())["result"].encode())

@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, tiny_config  # noqa: E402
 from llm_fixtures import FakeLLMServer, _make_handler  # noqa: E402
 from reliability_fixtures import files_under, leftovers  # noqa: E402
 
@@ -137,7 +137,7 @@ def test_llm_outage_leaves_nothing_partial_and_rerun_asks_only_missing_classes(
     server.start()
     summary = P.run_pipeline(cfg)
     assert server.counts(MODEL) == {"happiness": 1, "sadness": 1}, server.counts(MODEL)
-    assert summary["cached"] == ["manifest"] and summary["executed"] == list(P.STAGES[1:])
+    assert summary["cached"] == ["manifest"] and summary["executed"] == list(TINY_STAGES[1:])
     described = [p.name for p in files_under(descriptions)]
     assert len(described) == 2 and any(n.startswith("describe-") for n in described), described
 

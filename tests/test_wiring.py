@@ -36,6 +36,7 @@ from mpafer.config import (  # noqa: E402
     LLMConfig,
     ModelConfig,
     PipelineConfig,
+    StudyConfig,
     TrainConfig,
     demo_config,
 )
@@ -83,14 +84,20 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
         "erasing_p": "0.5", "seed": "2", "seeds": "[1, 2]", "device": "auto", "amp": "bf16", "compile": "'on'",
         "compile_mode": "reduce-overhead", "num_workers": "1", "image_cache": "'on'", "checkpoint_every_steps": "5",
         "keep_checkpoints": "3", "eval_batch_size": "8", "log_every_steps": "5", "devices": "2",
+        "frozen_features": "'off'", "feature_views": "2",
     },
     "pipeline": {
         "project_dir": "{tmp}/proj2", "features_dir": "other_features", "name": "other", "refresh": "[train]", "schedule_cron": "'0 3 * * *'",
         "lock_timeout_s": "5",
     },
+    # what the study runs: keyed by the study's own steps (tests/test_study.py), never by a pipeline stage
+    "study": {
+        "protocol": "fewshot", "variants": "[coop]", "seeds": "[5]", "shots": "[2]", "base_classes": "[neutral]",
+        "target": "{dataset: folder}", "confidence": "0.9", "workers": "2",
+    },
 }
 GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model": ModelConfig, "train": TrainConfig,
-                "pipeline": PipelineConfig}
+                "pipeline": PipelineConfig, "study": StudyConfig}
 
 #: ``train.*`` fields that change how fast a run computes, not what it learns: keyed by neither the
 #: pipeline's train stage nor the training loop's run key.
@@ -98,6 +105,8 @@ OPERATIONAL = {"device", "devices", "amp", "compile", "compile_mode", "num_worke
                "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "log_every_steps"}
 #: Fields only the training loop leaves out of its own run key (one run = one seed).
 LOOP_ONLY_OPERATIONAL = {"seeds"}
+#: Fields that key a run only through the frozen image features it reads (none for a run through the encoder).
+FEATURE_FIELDS = {"frozen_features", "feature_views"}
 
 
 def expected_stages(group: str, name: str) -> set[str]:
@@ -109,14 +118,19 @@ def expected_stages(group: str, name: str) -> set[str]:
                    "extra_questions"}
         return {"describe"} if name in shaping else set()
     if group == "clip":
-        return {"text_features", "prototypes"} if name in ("model", "pretrained", "precision") else set()
+        frozen = {"text_features", "prototypes", "image_features"}
+        return frozen if name in ("model", "pretrained", "precision") else set()
     if group == "model":
         return {"train"} | {"granularities": {"text_features"}, "prototype_subset": {"prototypes"},
                             "prototype_seed": {"prototypes"}}.get(name, set())
     if group == "train":
-        if name == "amp":  # the prototypes are computed under it (and keyed by it); the run is not
-            return {"prototypes"}
-        return set() if name in OPERATIONAL else {"train"}
+        if name == "amp":  # the frozen features are computed under it (and keyed by it); the run is not
+            return {"prototypes", "image_features"}
+        if name in ("augment", "crop_scale_min", "erasing_p"):  # also shape the stored augmented views
+            return {"train", "image_features"}
+        if name == "feature_views":  # the run (mpa here) reads the views only through the features' key
+            return {"image_features"}
+        return set() if name in OPERATIONAL | FEATURE_FIELDS else {"train"}
     return set()  # pipeline.*: where things go, not what they are
 
 
@@ -127,7 +141,7 @@ def loop_key_reads(group: str, name: str) -> bool:
     if group == "model":
         return True
     if group == "train":
-        return name not in OPERATIONAL | LOOP_ONLY_OPERATIONAL
+        return name not in OPERATIONAL | LOOP_ONLY_OPERATIONAL | FEATURE_FIELDS
     return False  # data, llm: through the input files' keys
 
 
@@ -182,15 +196,15 @@ def test_every_config_field_is_keyed_by_the_stages_that_read_it(key_env: Path) -
 
 
 def test_weights_are_keyed_by_their_content(key_env: Path) -> None:
-    """Text features and prototypes name the CLIP weights by content: a weights file rewritten in place
-    (same path, other bytes) gives both new keys; the loop's key sees it through their files."""
+    """Text features, prototypes and image features name the CLIP weights by content: a weights file
+    rewritten in place (same path, other bytes) gives them new keys; the loop's key sees it through their files."""
     tmp = key_env
     cfg = _base(tmp, f"clip.pretrained={tmp / 'w.safetensors'}")
     inputs = _upstream(tmp)
     before = _stage_keys(cfg, inputs)
     (tmp / "w.safetensors").write_bytes(b"other weights, other length")
     after = _stage_keys(cfg, inputs)
-    assert {s for s in P.STAGES if before[s] != after[s]} == {"text_features", "prototypes"}
+    assert {s for s in P.STAGES if before[s] != after[s]} == {"text_features", "prototypes", "image_features"}
 
 
 def test_weights_identity_is_what_the_loaded_backbone_reports(tmp_path: Path) -> None:
@@ -215,18 +229,22 @@ UPSTREAM = {
     "describe": {"classes"},
     "text_features": {"describe", "classes"},
     "prototypes": {"manifest"},
-    "train": {"manifest", "text_features", "prototypes"},
+    "image_features": {"manifest"},
+    "train": {"manifest", "text_features", "prototypes", "image_features"},
     "evaluate": {"train", "manifest"},
 }
 
 
-def test_every_stage_key_follows_its_upstream_keys(key_env: Path) -> None:
+@pytest.mark.parametrize("variant", ["coop", "mpa"])
+def test_every_stage_key_follows_its_upstream_keys(key_env: Path, variant: str) -> None:
+    """Every stage key reads its upstream keys; a run with visual prompts never reads frozen image features."""
     tmp = key_env
-    cfg = _base(tmp)
+    cfg = _base(tmp, f"model.variant={variant}")
     inputs = _upstream(tmp)
     keys = _stage_keys(cfg, inputs)
     other_desc = tmp / "desc2.json"
     other_desc.write_bytes(CURATED.read_bytes() + b"\n")
+    upstream = {s: ups - ({"image_features"} if variant == "mpa" else set()) for s, ups in UPSTREAM.items()}
     for name in ("classes", *P.STAGES):
         if name == "classes":
             changed_input: Any = ["neutral", "happiness"]
@@ -236,7 +254,26 @@ def test_every_stage_key_follows_its_upstream_keys(key_env: Path) -> None:
                                                    "path": other_desc if name == "describe" else old.path})
         new = _stage_keys(cfg, {**inputs, name: changed_input})
         readers = {s for s in P.STAGES if new[s] != keys[s]}
-        assert readers == {s for s, ups in UPSTREAM.items() if name in ups}, name
+        assert readers == {s for s, ups in upstream.items() if name in ups}, name
+
+
+def test_frozen_feature_fields_key_a_run_through_its_features(key_env: Path) -> None:
+    """For a variant that reads frozen image features, ``train.frozen_features=off`` drops them from both run
+    keys, and ``train.feature_views`` reaches the run only through the features' key."""
+    tmp = key_env
+    inputs = _upstream(tmp)
+    coop = _base(tmp, "model.variant=coop")
+    assert P.needs_image_features(coop) and not P.needs_image_features(_base(tmp))
+    off = _base(tmp, "model.variant=coop", "train.frozen_features=off")
+    assert not P.needs_image_features(off)
+    keys, keys_off = _stage_keys(coop, inputs), _stage_keys(off, inputs)
+    assert {s for s in P.STAGES if keys[s] != keys_off[s]} == {"train"}
+    views = _stage_keys(_base(tmp, "model.variant=coop", "train.feature_views=2"), inputs)
+    assert {s for s in P.STAGES if keys[s] != views[s]} == {"image_features"}
+    # the training loop's own key: the features' key when it reads them, nothing of them otherwise
+    with_features = {"manifest": "m", "image_features": "f"}
+    assert training_key(coop, with_features) != training_key(coop, {"manifest": "m"})
+    assert training_key(coop, {"manifest": "m"}) == training_key(off, {"manifest": "m"})
 
 
 def test_the_stage_graph_is_the_one_declaration() -> None:
@@ -255,9 +292,15 @@ def test_the_stage_graph_is_the_one_declaration() -> None:
         "describe": ["manifest", "describe"],
         "text_features": ["manifest", "describe", "text_features"],
         "prototypes": ["manifest", "prototypes"],
-        "train": ["manifest", "describe", "text_features", "prototypes", "train"],
+        "image_features": ["manifest", "image_features"],
+        "train": ["manifest", "describe", "text_features", "prototypes", "image_features", "train"],
         "evaluate": list(P.STAGES),
     }
+    # a stage a config does not need is left out: image features only for the variants without visual prompts
+    demo = demo_config()
+    assert [s.name for s in P.needed_stages(demo)] == [s for s in P.STAGES if s != "image_features"]
+    coop = demo_config(["model.variant=coop"])
+    assert [s.name for s in P.needed_stages(coop)] == list(P.STAGES)
     with pytest.raises(ConfigError, match="unknown stage 'bogus'"):
         P.stages_until("bogus")
 

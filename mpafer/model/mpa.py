@@ -285,19 +285,31 @@ class MPAFER(nn.Module):
             text_features: precomputed ``[C, D]`` class features (evaluation); ``None`` runs the text
                 prompts in this forward (training: gradients reach the context vectors).
         """
+        global_feat, local_feat = self.image(images)
+        return self.forward_features(global_feat, local_feat, text_features=text_features)
+
+    def forward_features(self, global_features: Tensor, local_features: Tensor | None = None, *,
+                         text_features: Tensor | None = None) -> MPAOutput:
+        """The forward after the image tower: score image features against all classes.
+
+        What :meth:`forward` runs on the tower's output, and what a run from frozen image features
+        (``train.frozen_features``) runs on the stored ones: the normalised global features ``[B, D]`` and,
+        with CGLA, the local features ``[B, P, D]``; ``text_features`` as in :meth:`forward`.
+        """
         aux: dict[str, Tensor] = {}
         if text_features is None:
             text_features, token_means = self._text()
             if token_means is not None:
                 aux["soft_token_means"] = token_means
-        global_feat, local_feat = self.image(images)
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        with torch.autocast(device_type=global_features.device.type, enabled=False):
             t = text_features.to(torch.float32)
+            global_feat = global_features.to(torch.float32)
             s_global = global_feat @ t.t()
             aux["s_global"] = s_global
             if self.use_cgla:
-                assert local_feat is not None
-                s_local = cgla_local_scores(local_feat, t, self.topk)
+                if local_features is None:
+                    raise ValueError("CGLA scores need the local image features")
+                s_local = cgla_local_scores(local_features.to(torch.float32), t, self.topk)
                 aux["s_local"] = s_local
                 scores = s_global + s_local
             else:

@@ -8,6 +8,10 @@ start_batch)``, an iterator of ``(images, labels)`` on the device, this rank's s
   per-position augmentation seeds (:class:`~mpafer.train.sampler.SeededTransformDataset`).
 * :class:`CachedBatches` (``train.image_cache``): the split decoded and resized once into a uint8 tensor,
   augmented on the device by ``gpu_augment`` with a generator seeded from ``(seed, epoch, batch)``.
+* :class:`FeatureBatches` (``train.frozen_features``, the variants without visual prompts): no images at
+  all, the frozen image features of :mod:`mpafer.clip.image_features` — at each position one of the image's
+  stored augmented views, picked by the position's augmentation seed (or its clean view without
+  augmentation). The batches are then ``(features [B, D], labels)``, for ``MPAFER.forward_features``.
 
 Either way the order is :class:`~mpafer.train.sampler.EpochBatchSampler`'s, a pure function of the seed and
 the epoch, so a run resumed mid-epoch sees exactly the batches an uninterrupted one would. With several
@@ -26,14 +30,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from mpafer.config import Config, TrainConfig
+from mpafer.errors import ArtifactError
 from mpafer.train.distributed import DistContext, shard_bounds
 from mpafer.train.sampler import EpochBatchSampler, SeededTransformDataset, derive_seed
 
 if TYPE_CHECKING:
     from mpafer.clip.backbone import Backbone
+    from mpafer.clip.image_features import ImageFeatures
     from mpafer.data.images import ManifestLike
+    from mpafer.data.manifest import Manifest
 
-__all__ = ["CachedBatches", "LoaderBatches", "TrainBatches", "eval_loader", "train_batches"]
+__all__ = ["CachedBatches", "FeatureBatches", "LoaderBatches", "TrainBatches", "eval_loader", "feature_eval_batches",
+           "train_batches"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -162,12 +170,66 @@ class CachedBatches:
             yield gpu_augment(x, self.mean, self.std, self.tc.crop_scale_min, self.tc.erasing_p, generator=g), y
 
 
+class FeatureBatches:
+    """Training batches of frozen image features (see the module docstring): the sampler's order, and for each
+    position the view ``augmentation seed mod V`` of the image (its clean view without augmentation)."""
+
+    def __init__(self, features: ImageFeatures, manifest: Manifest, tc: TrainConfig, device: torch.device,
+                 dist: DistContext) -> None:
+        from mpafer.clip.image_features import manifest_shas
+
+        shas = manifest_shas(manifest, "train")
+        labels = [int(y) for _, y in manifest.items("train")]
+        self.augment = tc.augment
+        if tc.augment and features.n_views == 0:
+            raise ArtifactError(f"image features {features.path} hold no augmented views, and train.augment is on "
+                                "(build them with train.augment on, or train with train.augment=false)")
+        source = features.views[features.rows(shas, views=True)] if tc.augment else features.clean[features.rows(shas)]
+        self.features = source.to(device)  # [N, V, D] or [N, D]
+        self.labels = torch.tensor(labels, dtype=torch.long, device=device)
+        self.sampler = EpochBatchSampler(labels, tc.batch_size, tc.seed, tc.sampler)
+        self.device = device
+        self.dist = dist
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch, 0)
+        batches = self.sampler.epoch_batches()
+        for b in range(start_batch, len(batches)):
+            lo, hi = shard_bounds(len(batches[b]), self.dist.rank, self.dist.world_size)
+            pairs = batches[b][lo:hi]
+            idx = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=self.device)
+            if self.augment:
+                views = self.features.shape[1]
+                pick = torch.tensor([seed % views for _, seed in pairs], dtype=torch.long, device=self.device)
+                yield self.features[idx, pick], self.labels[idx]
+            else:
+                yield self.features[idx], self.labels[idx]
+
+
+def feature_eval_batches(features: ImageFeatures, manifest: Manifest, split: str, batch_size: int,
+                         device: torch.device) -> list[Batch]:
+    """The clean features of one split, in manifest order, as ``(features [B, D], labels)`` batches (what
+    :func:`eval_loader` gives as images, for ``MPAFER.forward_features``)."""
+    from mpafer.clip.image_features import manifest_shas
+
+    x = features.clean[features.rows(manifest_shas(manifest, split))].to(device)
+    y = torch.tensor([int(label) for _, label in manifest.items(split)], dtype=torch.long)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
 def train_batches(manifest: ManifestLike, backbone: Backbone, cfg: Config, device: torch.device, use_cache: bool,
-                  dist: DistContext | None = None) -> TrainBatches:
-    """The training batches of ``manifest``'s train split: the uint8 cache + device augmentation path when
-    ``use_cache``, else the DataLoader path (the train transform, or the test transform without
-    augmentation); images are resized the way the backbone was trained (``backbone.resize_settings``)."""
+                  dist: DistContext | None = None, features: ImageFeatures | None = None) -> TrainBatches:
+    """The training batches of ``manifest``'s train split: frozen image features when ``features`` are given
+    (:class:`FeatureBatches`), else images: the uint8 cache + device augmentation path when ``use_cache``, else
+    the DataLoader path (the train transform, or the test transform without augmentation); images are resized
+    the way the backbone was trained (``backbone.resize_settings``)."""
     dist = dist or DistContext()
+    if features is not None:
+        return FeatureBatches(features, manifest, cfg.train, device, dist)  # type: ignore[arg-type]
     if use_cache:
         return CachedBatches(manifest, backbone, cfg.train, device, cfg.data.affectnet_crop, dist)
     from mpafer.data.images import clip_transforms

@@ -45,7 +45,7 @@ from mpafer.config import Config, TrainConfig
 from mpafer.errors import ConfigError, MpaferError
 from mpafer.model import MPAFER
 from mpafer.runtime import Precision, auto_on_cuda, autocast, compile_step, resolve_amp, train_device
-from mpafer.train.batches import TrainBatches, eval_loader, train_batches
+from mpafer.train.batches import TrainBatches, eval_loader, feature_eval_batches, train_batches
 from mpafer.train.checkpoint import CHECKPOINT_DIR, restore_rng_state, save_checkpoint
 from mpafer.train.distributed import (
     DistContext,
@@ -59,7 +59,7 @@ from mpafer.train.distributed import (
 )
 from mpafer.train.guard import FiniteGuard
 from mpafer.train.inference import check_finite_scores, run_inference
-from mpafer.train.inputs import RunInputs, load_inputs, training_key
+from mpafer.train.inputs import RunInputs, frozen_features_record, load_inputs, training_key
 from mpafer.train.progress import ProgressBar, epoch_line, log, log_trainable
 from mpafer.train.rundir import (
     CONFIG_FILE,
@@ -89,17 +89,20 @@ def learning_rate(tc: TrainConfig, epoch: int) -> float:
     return tc.effective_lr * (1.0 + math.cos(math.pi * (epoch - tc.warmup_epochs) / max(1, tc.epochs))) / 2.0
 
 
-def make_step_fn(model: MPAFER, device: torch.device, precision: Precision) -> StepFn:
+def make_step_fn(model: MPAFER, device: torch.device, precision: Precision, *,
+                 from_features: bool = False) -> StepFn:
     """``step(images, labels) -> (logits, losses)``: the forward pass under autocast plus the losses.
 
     One function, so that ``torch.compile`` captures the forward pass and the losses as one graph (and
     AOTAutograd the matching backward); ``mpafer bench train-step`` measures exactly this. The soft-prompt
-    text features are computed once in it for all classes; the losses run in float32.
+    text features are computed once in it for all classes; the losses run in float32. ``from_features``:
+    the batches are frozen image features, not images (``MPAFER.forward_features``).
     """
+    forward = model.forward_features if from_features else model
 
     def step(images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with autocast(device, precision):
-            out = model(images)
+            out = forward(images)
         return out.logits, model.loss(out, labels)
 
     return step
@@ -150,8 +153,9 @@ class _Trainer:
         self.params = list(self.trainable.values())
         self.learns = cfg.model.trainable and self.tc.epochs > 0 and bool(self.params)
         self.use_compile = self.learns and auto_on_cuda(self.tc.compile, self.device)
-        self.use_cache = self.learns and auto_on_cuda(self.tc.image_cache, self.device)
-        self.eager_step = make_step_fn(self.model, self.device, self.precision)
+        self.features = inputs.image_features  # frozen image features instead of images (batches.py)
+        self.use_cache = self.learns and self.features is None and auto_on_cuda(self.tc.image_cache, self.device)
+        self.eager_step = make_step_fn(self.model, self.device, self.precision, from_features=self.features is not None)
         self.step_fn = compile_step(self.eager_step, self.tc.compile_mode) if self.use_compile else self.eager_step
         self.compile_checked = not self.use_compile  # a compiler failure is only caught at the first step
         self.optimizer = torch.optim.SGD(self.params, lr=learning_rate(self.tc, 0), momentum=self.tc.momentum,
@@ -172,7 +176,8 @@ class _Trainer:
             if self.dist.enabled and resume is None:  # identical start on every rank, whatever the device RNGs
                 for p in self.params:
                     torch.distributed.broadcast(p.data, src=0)
-            data = train_batches(self.inputs.manifest, self.backbone, self.cfg, self.device, self.use_cache, self.dist)
+            data = train_batches(self.inputs.manifest, self.backbone, self.cfg, self.device, self.use_cache, self.dist,
+                                 self.features)
             if data.steps_per_epoch == 0:
                 raise ConfigError("the training split is empty")
             self.guard = FiniteGuard(list(self.trainable), data.steps_per_epoch, self.device)
@@ -292,8 +297,14 @@ class _Trainer:
         if self.inputs.n_val and self.dist.is_main:  # rank 0 evaluates; the row is broadcast
             from mpafer.train.metrics import classification_metrics
 
-            loader = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
-            _, labels, preds, _ = run_inference(self.model, loader, self.device, self.precision)
+            if self.features is not None:
+                batches: Any = feature_eval_batches(self.features, self.inputs.manifest, "val",
+                                                    self.tc.eval_batch_size, self.device)
+                forward = self.model.forward_features
+            else:
+                batches = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
+                forward = None
+            _, labels, preds, _ = run_inference(self.model, batches, self.device, self.precision, forward)
             m = classification_metrics(preds, labels, self.inputs.classes)
             row.update(val_acc=m["accuracy"], val_mean_class_acc=m["mean_class_accuracy"])
         return row
@@ -412,6 +423,7 @@ class _Trainer:
             "compiled": self.use_compile,
             "compile_mode": self.tc.compile_mode if self.use_compile else None,
             "image_cache": self.use_cache,
+            "frozen_features": frozen_features_record(self.cfg, self.features),
             "processes": self.dist.world_size,
             "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
                           "metrics": METRICS_FILE, "checkpoints": CHECKPOINT_DIR, "train": TRAIN_RESULT_FILE},
@@ -431,6 +443,7 @@ def train(
     prototypes_path: str | os.PathLike[str] | None,
     run_dir: str | os.PathLike[str],
     *,
+    image_features_path: str | os.PathLike[str] | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
@@ -439,8 +452,11 @@ def train(
     """Train the prompts of ``cfg.model.variant`` and return the run's result (see the module docstring).
 
     Resumes from the newest valid checkpoint in ``run_dir/checkpoints``; a finished run returns its
-    stored result without loading anything else. ``max_steps`` stops (after a checkpoint) once that
-    many optimisation steps are done and returns ``{"completed": False, ...}``; ``on_step(global_step)``
+    stored result without loading anything else. ``image_features_path``: the frozen image features
+    (:mod:`mpafer.clip.image_features`) the run trains and evaluates from when
+    :attr:`~mpafer.config.Config.reads_frozen_features` (the encoder otherwise). ``max_steps`` stops
+    (after a checkpoint) once that many optimisation steps are done and returns ``{"completed": False,
+    ...}``; ``on_step(global_step)``
     is called after each step (and after its checkpoint, if any) — an exception raised there aborts
     the run as a crash would. ``on_epoch(row)`` is called with each epoch's metrics row once it is logged
     (rank 0; the same holds for its exceptions). ``progress``: the terminal progress bar (only on a
@@ -462,7 +478,7 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(run_dir / ".train", timeout=cfg.pipeline.lock_timeout_s,
                        what=f"the training run {run_dir}") if dist.is_main else contextlib.nullcontext():
-            inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path)
+            inputs = load_inputs(cfg, manifest_path, text_features_path, prototypes_path, image_features_path)
             key = training_key(cfg, inputs.input_keys)
             if dist.enabled:
                 check_shards(cfg.train.batch_size, inputs.n_train, dist.world_size)

@@ -25,7 +25,7 @@ import torch
 
 from mpafer.artifacts import atomic_path
 from mpafer.config import Config, ModelConfig, build_config
-from mpafer.errors import ArtifactError, DataError, MpaferError
+from mpafer.errors import ArtifactError, ConfigError, DataError, MpaferError
 from mpafer.runtime import Precision, autocast, resolve_amp, train_device
 from mpafer.train.inference import check_finite_scores
 from mpafer.train.rundir import CONFIG_FILE, PROMPTS_FILE, RUN_FILE, recorded_input
@@ -147,11 +147,17 @@ def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | os.PathLike[str], device: str | None = None, *,
+             classes: Sequence[str] | None = None, text_features_path: str | os.PathLike[str] | None = None) -> LoadedRun:
     """Rebuild a run's model from ``config.json`` + the CLIP weights + ``prompts.safetensors``.
 
     Raises :class:`ArtifactError` (one line) when the run directory lacks its files or its prompts do
     not fit the configured model or CLIP. ``run_dir`` may also be a folder written by ``mpafer export``.
+
+    ``classes`` with ``text_features_path`` (the hard-prompt features of those classes) rebuild the model for
+    other classes than it learned (base-to-novel, cross-dataset): the learned shared context with the new
+    class names, the class targets of ``text_features_path`` for the variants that classify with them. A
+    class-specific context has no vector for a class it did not learn: :class:`ConfigError`.
     """
     from mpafer.clip.backbone import load_backbone
     from mpafer.data.images import clip_transforms
@@ -174,10 +180,16 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
     if not prompts_path.is_file():
         raise ArtifactError(f"run {run_dir} has no prompts.safetensors (training not finished?)")
     tensors, meta = load_prompts(prompts_path)
-    classes = list(meta.get("classes") or [])
-    if len(classes) < 2:
+    learned = list(meta.get("classes") or [])
+    if len(learned) < 2:
         raise ArtifactError(f"{prompts_path} names no classes")
     info = read_run_info(run_dir)
+    if classes is None or list(classes) == learned:
+        classes = learned
+    else:
+        classes = _transfer_classes(run_dir, cfg, learned, list(classes), text_features_path, exported is not None)
+        # the classifier of zeroshot/vpt and the zero-shot baseline read the new classes' hard prompts
+        info = {**info, "inputs": {**(info.get("inputs") or {}), "text_features": str(text_features_path)}}
 
     dev = train_device(cfg)
     backbone = load_backbone(cfg.clip.model_copy(update={"device": dev.type}))
@@ -216,6 +228,23 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Load
                      test_transform=test_tf, device=dev, precision=resolve_amp(cfg.train.amp, dev), meta=meta,
                      run_info=info, class_features=class_features,
                      export=exported.manifest if exported is not None else None)
+
+
+def _transfer_classes(run_dir: Path, cfg: Config, learned: list[str], classes: list[str],
+                      text_features_path: str | os.PathLike[str] | None, exported: bool) -> list[str]:
+    """``classes`` when a run that learned ``learned`` can score them (see :func:`load_run`), else one line why."""
+    if text_features_path is None:
+        raise ArtifactError(f"scoring classes {classes} with run {run_dir} (which learned {learned}) needs their "
+                            "hard-prompt text features")
+    if exported:
+        raise ArtifactError(f"the exported folder {run_dir} scores the classes it learned only ({', '.join(learned)})")
+    if cfg.model.use_text_prompts and cfg.model.class_specific_ctx:
+        unknown = [c for c in classes if c not in learned] or classes
+        raise ConfigError(
+            f"run {run_dir} learned one context per class (model.class_specific_ctx): it has no context for "
+            f"{', '.join(unknown)}; evaluating other classes needs a shared context (model.class_specific_ctx=false)"
+        )
+    return classes
 
 
 # ------------------------------------------------------------------------------------------ predict

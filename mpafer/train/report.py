@@ -44,7 +44,7 @@ __all__ = [
 
 #: Part of the evaluation's key: bump when an evaluation writes other files or numbers, so that earlier
 #: evaluations are redone once (``mpafer.pipeline.plan_evaluate`` keys on it too).
-EVALUATION_VERSION = "2"
+EVALUATION_VERSION = "3"
 
 #: Keys every summary.json carries (docs/DESIGN.md).
 SUMMARY_KEYS = (
@@ -214,10 +214,13 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
         f"| optimiser | SGD momentum {tr.get('momentum')}, weight decay {tr.get('weight_decay')}, "
         f"warm-up {tr.get('warmup_epochs')} epoch(s) at {tr.get('warmup_lr')}, cosine |",
         f"| sampler / augmentation | {tr.get('sampler')} / {'on' if tr.get('augment') else 'off'} |",
+        f"| images seen as | {_images_seen_as(summary)} |",
         f"| seed | {tr.get('seed')} |",
         f"| trainable parameters | {summary.get('trainable_params'):,} |",
         f"| images | train {summary.get('n_train')}, evaluated {summary.get('n_test')} |",
         f"| config key | `{str(summary.get('config_key'))[:16]}` |",
+        *([f"| classes learned | {', '.join(summary['train_classes'])} (evaluated on the manifest's classes) |"]
+          if summary.get("train_classes") and summary["train_classes"] != summary.get("classes") else []),
         "",
         "## Metrics (last epoch; the test split was never used for selection)",
         "",
@@ -251,6 +254,16 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
     if arts.get("curves_png"):
         lines.append(f"![training curves]({Path(arts['curves_png']).name})")
     return "\n".join(lines) + "\n" + misclassified_section(summary)
+
+
+def _images_seen_as(summary: Mapping[str, Any]) -> str:
+    """The report's line on how the run saw its images: frozen features (``train.frozen_features``) or images."""
+    ff = summary.get("frozen_features") or {}
+    if not ff.get("used"):
+        why = f" ({ff['reason']})" if ff.get("reason") else ""
+        return f"images through the image encoder at every step{why}"
+    return (f"frozen image features computed once (augmentation: {ff.get('augmentation')}); evaluated from "
+            f"{ff.get('evaluated_from', 'frozen features')}")
 
 
 def per_class_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -292,6 +305,25 @@ def _train_result(run_dir: Path) -> dict[str, Any]:
     raise ArtifactError(f"run {run_dir} has not finished training (no train.json nor final checkpoint)")
 
 
+def _split_batches(run: Any, manifest: Any, split: str, train_res: Mapping[str, Any]) -> tuple[Any, Any, bool]:
+    """The batches of ``split`` and the forward that reads them: the run's frozen image features when it
+    trained from them and they hold every image of the split, else the images (through the encoder)."""
+    from mpafer.train.batches import eval_loader, feature_eval_batches
+
+    path = (run.run_info.get("inputs") or {}).get("image_features")
+    if (train_res.get("frozen_features") or {}).get("used") and path and Path(path).is_file():
+        from mpafer.clip.image_features import load_image_features
+        from mpafer.errors import ArtifactError
+
+        try:
+            batches = feature_eval_batches(load_image_features(path), manifest, split, run.cfg.train.eval_batch_size,
+                                           run.device)
+            return batches, run.model.forward_features, True
+        except ArtifactError:  # another dataset's images (cross-dataset): through the encoder
+            pass
+    return eval_loader(manifest, split, run.test_transform, run.cfg, run.device), None, False
+
+
 def _merge_timings(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     out = dict(base)
     out.update(dict(extra or {}))
@@ -306,15 +338,23 @@ def evaluate(
     timings: Mapping[str, float] | None = None,
     device: str | None = None,
     force: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+    text_features_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on ``split`` of a manifest and write the summary, PNGs and report.
 
     ``timings`` (seconds per pipeline stage) are merged into the summary's ``timings``. An earlier
     evaluation with the same run, prompts, manifest and split is reused unless ``force``.
+
+    Everything is written to ``out_dir`` (default: the run folder). With ``text_features_path`` (the
+    hard-prompt features of the manifest's classes) the run is scored on the manifest's own classes, which
+    may differ from those it learned (base-to-novel, cross-dataset: :func:`~mpafer.train.predict.load_run`).
+
+    A run that trained from frozen image features (:mod:`mpafer.clip.image_features`) is evaluated from them
+    when they hold every image of the split (its own dataset), through the image encoder otherwise.
     """
     from mpafer.data.manifest import load_manifest
     from mpafer.train.baseline import gain, zeroshot_baseline
-    from mpafer.train.batches import eval_loader
     from mpafer.train.inference import infer_split
     from mpafer.train.metrics import classification_metrics
     from mpafer.train.outputs import (
@@ -328,14 +368,17 @@ def evaluate(
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
     cfg = read_run_config(run_dir)
     train_res = _train_result(run_dir)
     manifest = load_manifest(manifest_path)
     prompts_path = run_dir / PROMPTS_FILE
     eval_key = content_key("evaluate", EVALUATION_VERSION, train_res.get("config_key"),
-                           sha256_file(prompts_path) if prompts_path.is_file() else None, str(manifest.key), split)
+                           sha256_file(prompts_path) if prompts_path.is_file() else None, str(manifest.key), split,
+                           *([sha256_file(text_features_path)] if text_features_path is not None else []))
     sfx = _suffix(split)
-    summary_path = run_dir / summary_name(split)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / summary_name(split)
     if not force and summary_path.is_file():
         try:
             cached = json.loads(summary_path.read_text())
@@ -354,27 +397,29 @@ def evaluate(
     if not items:
         raise DataError(f"manifest {manifest_path} has no '{split}' images")
     manifest.verify_files((split,))  # scores of the images the manifest names, not of their replacements
-    run = load_run(run_dir, device=device)
+    transfer = text_features_path is not None
+    run = load_run(run_dir, device=device, classes=list(manifest.classes) if transfer else None,
+                   text_features_path=text_features_path)
     if list(manifest.classes) != run.classes:
         raise DataError(f"manifest classes {list(manifest.classes)} differ from the run's classes {run.classes}")
-    loader = eval_loader(manifest, split, run.test_transform, run.cfg, run.device)
-    outputs = infer_split(run.model, loader, run.device, run.precision, scores=True)
+    batches, forward, from_features = _split_batches(run, manifest, split, train_res)
+    outputs = infer_split(run.model, batches, run.device, run.precision, forward, scores=True)
     labels, preds, infer_s = outputs.labels, outputs.preds, outputs.seconds
     m = classification_metrics(preds, labels, run.classes)
     eval_tput = m["n"] / infer_s if infer_s > 0 else None
     # Per image, from the logits just computed; written before the report's explanations, which choose
     # their examples by the confidences in it.
     predictions = write_predictions(
-        run_dir / predictions_name(split), predictions_table(manifest.paths(split), outputs, run.classes),
+        out / predictions_name(split), predictions_table(manifest.paths(split), outputs, run.classes),
         run.classes, {"split": split, "variant": cfg.model.variant, "config_key": train_res.get("config_key"),
                       "eval_key": eval_key, "manifest_key": str(manifest.key)})
-    baseline = zeroshot_baseline(run, manifest, manifest_path, split, run_dir)
+    baseline = zeroshot_baseline(run, manifest, manifest_path, split, out)
 
     rows = read_metrics(run_dir)
-    confusion_png = plot_confusion(m["confusion"], run.classes, run_dir / f"confusion{sfx}.png",
+    confusion_png = plot_confusion(m["confusion"], run.classes, out / f"confusion{sfx}.png",
                                    title=f"{cfg.model.variant} — {split} ({m['n']} images)")
-    curves_png = plot_curves(rows, run_dir / "curves.png") if rows else None
-    misclassified_png = plot_misclassified(run_dir / misclassified_name(split), manifest, split, labels.tolist(),
+    curves_png = plot_curves(rows, out / "curves.png") if rows else None
+    misclassified_png = plot_misclassified(out / misclassified_name(split), manifest, split, labels.tolist(),
                                            preds.tolist(), outputs.probs.max(dim=-1).values.tolist(), run.classes,
                                            affectnet_crop=run.cfg.data.affectnet_crop)
     info = read_run_info(run_dir)
@@ -382,7 +427,7 @@ def evaluate(
     artifacts = {
         "run_dir": str(run_dir.resolve()),
         "summary": str(summary_path.resolve()),
-        "report": str((run_dir / f"report{sfx}.md").resolve()),
+        "report": str((out / f"report{sfx}.md").resolve()),
         "confusion_png": str(confusion_png.resolve()),
         "curves_png": str(curves_png.resolve()) if curves_png else None,
         "misclassified_png": str(misclassified_png.resolve()) if misclassified_png else None,
@@ -417,6 +462,9 @@ def evaluate(
                  "weights_identity": run.meta.get("weights_identity")},
         "manifest_key": str(manifest.key),
         "train_manifest_key": (info.get("input_keys") or {}).get("manifest"),
+        "train_classes": list(train_res.get("classes") or run.classes),
+        "frozen_features": {**(train_res.get("frozen_features") or {"used": False}),
+                            "evaluated_from": "frozen features" if from_features else "images"},
         "final_train": train_res.get("final", {}),
         "throughput_img_s": train_tput if train_tput is not None else (round(eval_tput, 2) if eval_tput else None),
         "throughput_kind": "train" if train_tput is not None else "eval",
@@ -429,7 +477,7 @@ def evaluate(
     summary["timings"] = _merge_timings(base_timings, timings)
     from mpafer.train.explain import explanations_section
 
-    explained = explanations_section(run, run_dir, manifest, split, labels.tolist(), preds.tolist())
-    atomic_write_text(run_dir / f"report{sfx}.md", render_report(summary, cfg.model_dump(mode="json")) + explained)
+    explained = explanations_section(run, out, manifest, split, labels.tolist(), preds.tolist())
+    atomic_write_text(out / f"report{sfx}.md", render_report(summary, cfg.model_dump(mode="json")) + explained)
     atomic_write_json(summary_path, summary)
     return summary
