@@ -99,6 +99,23 @@ def test_epoch_runs_whole_epochs_and_estimates_the_protocol(tmp_path: Path,
     assert cached["step_images_per_s"] > 0 and cached["step_ms"] > 0
 
 
+def test_features_times_coop_epochs_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench features``: CoOp epochs through the encoder and from the frozen features, on the same images
+    with the same augmentation settings (the views the config asks for), and the ratio of the two."""
+    rec = _run(capsys, ["features", *TINY, *sets("train.batch_size=4", "train.feature_views=2", "train.epochs=5"),
+                        "--per-class", "2", "--source-size", "32", "--epochs", "2", "--warmup", "1",
+                        "--work-dir", str(tmp_path)])
+    assert rec["bench"] == "features" and rec["variant"] == "coop" and rec["config"]["model"]["variant"] == "coop"
+    assert rec["n_images"] == 12 and rec["feature_views"] == 2 and rec["augment"] is True
+    assert len(rec["encoder_epoch_times_s"]) == len(rec["features_epoch_times_s"]) == 2
+    assert rec["speedup_per_epoch"] == pytest.approx(rec["encoder_epoch_s"] / rec["features_epoch_s"], rel=0.02)
+    assert rec["features_protocol_s"] == pytest.approx(rec["build_s"] + 5 * rec["features_epoch_s"], abs=0.02)
+    assert rec["protocol_epochs"] == 5 and rec["build_s"] > 0
+    plain = _run(capsys, ["features", *TINY, *sets("train.batch_size=4", "train.augment=false"), "--per-class", "2",
+                          "--source-size", "32", "--epochs", "1", "--warmup", "1", "--work-dir", str(tmp_path)])
+    assert plain["feature_views"] == 0 and plain["augment"] is False
+
+
 def test_bad_options_fail_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """The config's own validation: the field, the value and the allowed values (max-autotune, which the
     benchmark once accepted and training refuses, is refused here too)."""

@@ -16,6 +16,8 @@ line prints it as one line); every record has ``bench`` and ``device`` (``torch.
 * :func:`mpafer.bench.epoch.run_epoch_bench` — whole training epochs end to end, data loading included,
   on a generated RAF-DB-sized set, and the wall-time estimate of a full protocol (``train.epochs``).
 * :func:`mpafer.bench.prototypes.run_prototypes_bench` — prototype extraction.
+* :func:`mpafer.bench.features.run_features_bench` — a CoOp epoch from frozen image features against one
+  through the image encoder (``train.frozen_features``), as a ratio, with the one-off cost of the features.
 
 The CLIP weights are always random (``pretrained: none``): throughput does not depend on their values,
 and nothing needs downloading. The targets and prototypes are random too. The code imports neither

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DataBench", "EpochBench", "EvalBench", "ManifestBench", "PrototypesBench", "StepBench"]
+__all__ = ["DataBench", "EpochBench", "EvalBench", "FeaturesBench", "ManifestBench", "PrototypesBench", "StepBench"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,15 @@ class ManifestBench:
 
     n: int = 100_000
     directory: str = "mpafer_work/bench/manifest"
+
+
+@dataclass(frozen=True)
+class FeaturesBench:
+    """``mpafer bench features``: CoOp epochs through the image encoder against epochs from frozen features,
+    on generated synthetic faces (the demo's: 60 training images of 64 px per expression)."""
+
+    per_class: int = 60
+    source_size: int = 64
+    epochs: int = 3
+    warmup: int = 2
+    work_dir: str | None = None

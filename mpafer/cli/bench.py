@@ -1,4 +1,4 @@
-"""CLI: ``mpafer bench train-step | eval | data | epoch`` (each prints one JSON line; docs/PERFORMANCE.md).
+"""CLI: ``mpafer bench train-step | eval | data | epoch | features`` (each prints one JSON line; docs/PERFORMANCE.md).
 
 The run is configured like every other command, with ``--config`` and ``--set`` (model, device, autocast,
 compilation, batch sizes, data path: the config's names, defaults and allowed values); the options here
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mpafer.bench.options import DataBench, EpochBench, EvalBench, StepBench
+from mpafer.bench.options import DataBench, EpochBench, EvalBench, FeaturesBench, StepBench
 from mpafer.cli.app import bench_app
 from mpafer.cli.common import config_from_options, emit
 
@@ -134,3 +134,26 @@ def bench_epoch(
     opts = EpochBench(images=images, source_size=source_size, epochs=epochs, warmup=warmup, step_steps=step_steps,
                       classes=classes, attention=attention, work_dir=work_dir, profile_out=profile_out)
     _emit(run_epoch_bench(cfg, opts))
+
+
+@bench_app.command("features")
+def bench_features(
+    config: ConfigOpt = None,
+    sets: Sets = None,
+    per_class: Annotated[
+        int, typer.Option("--per-class", min=1, help="Generated training faces per expression (7 expressions).")
+    ] = FeaturesBench.per_class,
+    source_size: Annotated[int, typer.Option("--source-size", min=32, help="Side of the generated faces.")] = (
+        FeaturesBench.source_size),
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Timed epochs of each path (median).")] = (
+        FeaturesBench.epochs),
+    warmup: Warmup = FeaturesBench.warmup,
+    work_dir: WorkDir = FeaturesBench.work_dir,
+) -> None:
+    """A CoOp epoch from frozen image features against one through the image encoder (train.frozen_features):
+    the ratio per epoch, the one-off build and the totals for train.epochs epochs."""
+    from mpafer.bench.features import run_features_bench
+
+    cfg = config_from_options(config, sets)
+    _emit(run_features_bench(cfg, FeaturesBench(per_class=per_class, source_size=source_size, epochs=epochs,
+                                                warmup=warmup, work_dir=work_dir)))
