@@ -34,7 +34,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.serializers import JSONSerializer
 
 from mpafer.config import Config
-from mpafer.pipeline import STAGES, StageResult, plan_stage, project_dir
+from mpafer.pipeline import STAGES, StagePlan, StageResult, plan_stage, project_dir
 
 #: Environment variable naming the folder of Prefect's persisted results (relative to the project).
 RESULTS_DIR_ENV = "MPAFER_PREFECT_RESULTS_DIR"
@@ -47,15 +47,27 @@ RESULT_SERIALIZER = "json"
 RESULT_CLASSES = frozenset({f"{StageResult.__module__}.{StageResult.__qualname__}"})
 
 
+def _plan(stage: str, inputs: dict[str, Any]) -> StagePlan:
+    """The plan of a pipeline stage or of one of the study's steps (``mpafer.study.steps``)."""
+    if stage in STAGES:
+        return plan_stage(stage, inputs)
+    from mpafer.study.steps import plan_step
+
+    return plan_step(stage, inputs)
+
+
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Cache key = the stage's content key, valid only while its artifact exists and passes its check."""
+    """Cache key = the stage's content key, valid only while its artifact exists and passes its check. The
+    study's own steps (``subset``, ``transfer``, ``aggregate``) are keyed the same way."""
 
     stage: str = "manifest"
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+        from mpafer.study.steps import STUDY_STEPS
+
+        if self.stage not in STAGES and self.stage not in STUDY_STEPS:
+            raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join([*STAGES, *STUDY_STEPS])}")
 
     def compute_key(
         self,
@@ -64,7 +76,7 @@ class StageCachePolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        plan = plan_stage(self.stage, inputs)
+        plan = _plan(self.stage, inputs)
         # The project folder is part of the key: a record holds absolute paths, and a copied or moved
         # project (or another one sharing MPAFER_PREFECT_RESULTS_DIR) must use its own files, not those
         # the record names. A miss costs a task run; the stage then reuses its artifact.

@@ -13,6 +13,9 @@ Deployments (the same names ``prefect.yaml`` defines for the ``mpafer-pool`` pro
     images give a new manifest key, and the prototypes, training and evaluation run again.
 ``mpa-fer-<stage>/<name>``
     One per stage flow (manifest, describe, text-features, prototypes, image-features, train, evaluate).
+``mpa-fer-study/<name>``
+    The study (docs/STUDY.md) of the same configuration: its ``study.*`` fields, or ``overrides`` such as
+    ``study.protocol=fewshot`` when a run is created.
 
 Needs a Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at it).
 """
@@ -31,6 +34,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.pipeline import mpa_fer_pipeline
 from flows.stages import STAGE_FLOWS
+from flows.study import mpa_fer_study
 from mpafer.config import demo_config, load_config
 
 DEMO_DEPLOYMENT = "demo"
@@ -80,6 +84,9 @@ def build_deployments(
             **common,
         )
     )
+    out.append(mpa_fer_study.to_deployment(
+        name=name, parameters=params, description=f"The study (docs/STUDY.md) of {config_file or 'the demo'}",
+        **common))
     if stages:
         for stage_flow in STAGE_FLOWS.values():
             out.append(stage_flow.to_deployment(name=name, parameters=params, **common))

@@ -64,7 +64,7 @@ from mpafer.artifacts import (
     parquet_metadata,
     sha256_file,
 )
-from mpafer.config import Config, StageName
+from mpafer.config import Config, StageName, StudyStepName
 from mpafer.errors import ArtifactError, ConfigError, DataError, FileSystemError, file_system_error
 from mpafer.fileio import walk_tree
 
@@ -87,7 +87,8 @@ class StageResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: StageName
+    #: A pipeline stage, or one of the study's own steps (``mpafer.study``).
+    stage: StageName | StudyStepName
     #: The stage's output (manifest Parquet, descriptions JSON, features Parquet, run folder, summary.json).
     path: Path
     #: The output's content key (for the manifest: the manifest's own key, over file hashes and labels).
@@ -102,7 +103,7 @@ class StageResult(BaseModel):
 class StagePlan:
     """A stage's identity before any work: its step key, the file that records completion, its check."""
 
-    stage: StageName
+    stage: StageName | StudyStepName
     #: The key that identifies the work (Prefect's cache key is derived from it).
     key: str
     #: The file whose validity means the stage is done (artifact or completion record).
@@ -164,6 +165,12 @@ def _once(cfg: Config, plan: StagePlan, refresh: bool, recorded: Callable[[], _R
         if not refresh and plan.is_done():
             return recorded(), True
         return build(), False
+
+
+def once(cfg: Config, plan: StagePlan, refresh: bool, recorded: Callable[[], _R], build: Callable[[], _R]) -> tuple[_R, bool]:
+    """The stages' discipline for any content-keyed step (the study's own, ``mpafer.study``): ``(recorded(),
+    True)`` when ``plan`` is done, else ``(build(), False)`` under the step's file lock, checked again there."""
+    return _once(cfg, plan, refresh, recorded, build)
 
 
 def run_name(cfg: Config) -> str:

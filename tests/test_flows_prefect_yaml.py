@@ -48,6 +48,7 @@ def test_same_deployments_as_serve_for_the_process_pool() -> None:
     served = {(d.flow_name, d.name) for d in build_deployments()}
     assert served <= seen, f"served but missing from prefect.yaml: {served - seen}"
     assert ("mpa-fer-pipeline", "demo") in seen and ("mpa-fer-pipeline", "retrain") in seen
+    assert ("mpa-fer-study", "demo") in seen and ("mpa-fer-image-features", "demo") in seen
 
 
 def test_parameters_validate_and_match_the_config_files() -> None:

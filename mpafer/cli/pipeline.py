@@ -1,7 +1,8 @@
-"""CLI commands: pipeline (``mpafer demo``, ``mpafer run``, ``mpafer serve-deployments``).
+"""CLI commands: pipeline (``mpafer demo``, ``mpafer run``, ``mpafer study``, ``mpafer serve-deployments``).
 
 The Prefect flows (``flows/``) are imported inside the commands, so ``mpafer`` stays importable
-without Prefect; ``--no-prefect`` runs :func:`mpafer.pipeline.run_pipeline` (same stages, same caches).
+without Prefect; ``--no-prefect`` runs :func:`mpafer.pipeline.run_pipeline` or
+:func:`mpafer.study.run_study` (same stages, same caches).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _quiet_user_errors() -> None:
             handler.addFilter(_DropUserErrors())
 
 
-def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None) -> dict[str, Any]:
+def _with_refresh(cfg: Config, refresh: list[str] | None) -> Config:
+    """``cfg`` with the ``--refresh`` stages added to ``pipeline.refresh`` (an unknown stage: one line)."""
     if refresh:
         bad = [s for s in refresh if s not in STAGES]
         if bad:
@@ -91,6 +93,11 @@ def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None
         cfg = cfg.model_copy(
             update={"pipeline": cfg.pipeline.model_copy(update={"refresh": sorted(set(cfg.pipeline.refresh) | set(refresh))})}
         )
+    return cfg
+
+
+def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None) -> dict[str, Any]:
+    cfg = _with_refresh(cfg, refresh)
     if no_prefect:
         from mpafer.pipeline import run_pipeline
 
@@ -163,6 +170,64 @@ def run(
     """
     cfg = config_from_options(config, sets)
     _report(_run(cfg, verbose, no_prefect, refresh))
+
+
+def _list_option(name: str, raw: str | None) -> list[str]:
+    """``--variants a,b`` → ``study.variants=[a,b]`` (nothing when the option is not given)."""
+    if raw is None:
+        return []
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    return [f"study.{name}=[{','.join(items)}]"]
+
+
+def _run_study(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None) -> dict[str, Any]:
+    cfg = _with_refresh(cfg, refresh)
+    if no_prefect:
+        from mpafer.study import run_study
+
+        return run_study(cfg)
+    _prefect_env(verbose)
+    from flows.study import mpa_fer_study
+
+    if not verbose:
+        _quiet_user_errors()
+    return mpa_fer_study(config=cfg)
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Option("--config", help="YAML config file (or a name under configs/).")],
+    sets: _SETS = None,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="full, fewshot, b2n (base-to-novel) or cross (same as --set study.protocol=...).")] = None,
+    variants: Annotated[str | None, typer.Option(
+        "--variants", help="Comma-separated model.variant values, the table's rows (study.variants).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (study.seeds).")] = None,
+    shots: Annotated[str | None, typer.Option("--shots", help="Few-shot: comma-separated shots (study.shots).")] = None,
+    refresh: Annotated[
+        list[str] | None,
+        typer.Option("--refresh", help=f"Recompute this stage even when cached (repeatable): {', '.join(STAGES)}."),
+    ] = None,
+    verbose: _VERBOSE = False,
+    no_prefect: _NO_PREFECT = False,
+) -> None:
+    """Run a protocol of prompt-learning papers: every variant x seed x setting, then one table.
+
+    Each run goes through the pipeline's own stages and content keys (a rerun recomputes nothing; a new seed
+    runs only that seed). Writes table.md/.json/.parquet, a plot and report.md (docs/STUDY.md).
+
+    Example: mpafer study --config demo --protocol fewshot --variants coop,mpa --seeds 1,2,3
+    """
+    overrides = [*(sets or []), *([f"study.protocol={protocol}"] if protocol is not None else []),
+                 *_list_option("variants", variants), *_list_option("seeds", seeds), *_list_option("shots", shots)]
+    cfg = config_from_options(config, overrides)
+    summary = _run_study(cfg, verbose, no_prefect, refresh)
+    table = Path(summary["table_path"]).read_text(encoding="utf-8").split("\n\n")[0]
+    out.print(table, markup=False, highlight=False, soft_wrap=True)
+    for label, key in (("table", "table_path"), ("plot", "plot_path"), ("report", "report_path")):
+        out.print(f"{label + ':':<9} {summary[key]}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"steps:    computed {len(summary['executed'])}, cached {len(summary['cached'])} of {summary['n_steps']} "
+              f"({summary['total_seconds']} s)", highlight=False, soft_wrap=True)
 
 
 @app.command("serve-deployments")
