@@ -70,14 +70,20 @@ def run_label(cfg: Config) -> str:
     return f"{dataset}-{cfg.clip.model}-{cfg.llm.model}-{cfg.model.variant}"
 
 
-def flow_run_label() -> str:
-    """Flow-run name from the run's parameters (used as ``flow_run_name``)."""
+def run_config() -> Config | None:
+    """The config of the flow run in progress, from its parameters (``None`` when they are invalid: the flow
+    itself reports that)."""
     params = flow_run.parameters or {}
     try:
-        cfg = resolve_config(params.get("config"), params.get("overrides"))
-    except Exception:  # the flow itself reports the error; the name must not fail
-        return "mpa-fer-invalid-config"
-    return run_label(cfg)
+        return resolve_config(params.get("config"), params.get("overrides"))
+    except Exception:  # the flow reports the error; a run name must not fail
+        return None
+
+
+def flow_run_label() -> str:
+    """Flow-run name from the run's parameters (used as ``flow_run_name``)."""
+    cfg = run_config()
+    return run_label(cfg) if cfg is not None else "mpa-fer-invalid-config"
 
 
 # ------------------------------------------------------------------------------------------ execution

@@ -22,12 +22,11 @@ from typing import Any
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
-from prefect.runtime import flow_run
 
 from flows.artifacts import artifact_key, ui_markdown
 from flows.cache import RESULT_SERIALIZER, StageCachePolicy, result_storage
 from flows.logs import library_logs_to_prefect
-from flows.stages import _unwrap, resolve_config, run_label
+from flows.stages import _unwrap, resolve_config, run_config, run_label
 from flows.tasks import configured
 from mpafer.config import Config
 from mpafer.pipeline import StageResult, prepare_config, refresh_set
@@ -80,12 +79,8 @@ def _run_steps(steps: Sequence[Step], tasks: Mapping[str, Task[..., StageResult]
 
 def study_run_label() -> str:
     """Flow-run name: the pipeline's label plus the protocol."""
-    params = flow_run.parameters or {}
-    try:
-        cfg = resolve_config(params.get("config"), params.get("overrides"))
-    except Exception:  # the flow itself reports the error; the name must not fail
-        return "mpa-fer-study-invalid-config"
-    return f"{run_label(cfg)}-{cfg.study.protocol}"
+    cfg = run_config()
+    return f"{run_label(cfg)}-{cfg.study.protocol}" if cfg is not None else "mpa-fer-study-invalid-config"
 
 
 def publish_study(summary: Mapping[str, Any]) -> None:

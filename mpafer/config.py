@@ -435,6 +435,9 @@ class StudyConfig(_Model):
     base_classes: list[str] | None = None
     #: ``cross``: the dataset evaluated on (its test split) besides the training dataset's own test split.
     target: DataConfig | None = None
+    #: The split the table reports: ``test``, or ``val`` to make a choice without looking at the test split
+    #: (a dataset's own validation split, or one carved out of train: ``data.val_fraction``).
+    split: Literal["test", "val"] = "test"
     #: Coverage of the interval of each row's mean (Student's t over the seeds).
     confidence: float = Field(0.95, gt=0, lt=1)
     #: Runs at the same time under Prefect (each still takes every CPU thread torch gives it).

@@ -122,7 +122,7 @@ def test_the_few_shot_graph(source: P.StageResult) -> None:
     assert steps["subset[2-shot|seed 2]"].kwargs == {"manifest": Ref("manifest"), "shots": 2, "seed": 2}
     assert steps["image_features"].kwargs == {"manifest": Ref("manifest")}, "one artifact for every subset"
     evaluation = steps["evaluate[coop|2-shot|seed 2|test]"]
-    assert evaluation.kwargs == {"train": Ref("train[coop|2-shot|seed 2]"), "manifest": Ref("manifest")}
+    assert evaluation.kwargs == {"train": Ref("train[coop|2-shot|seed 2]"), "manifest": Ref("manifest"), "split": "test"}
     order = list(steps)
     assert all(order.index(d) < order.index(s.id) for s in steps.values() for d in s.deps if d in steps)
     cells = steps["aggregate"].kwargs["cells"]

@@ -93,7 +93,7 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
     # what the study runs: keyed by the study's own steps (tests/test_study.py), never by a pipeline stage
     "study": {
         "protocol": "fewshot", "variants": "[coop]", "seeds": "[5]", "shots": "[2]", "base_classes": "[neutral]",
-        "target": "{dataset: folder}", "confidence": "0.9", "workers": "2",
+        "target": "{dataset: folder}", "split": "val", "confidence": "0.9", "workers": "2",
     },
 }
 GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model": ModelConfig, "train": TrainConfig,

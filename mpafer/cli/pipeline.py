@@ -28,6 +28,11 @@ _VERBOSE = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's 
 _NO_PREFECT = Annotated[
     bool, typer.Option("--no-prefect", help="Run the stages in this process without Prefect (same caches).")
 ]
+_CONFIG = Annotated[Path, typer.Option("--config", help="YAML config file (or a name under configs/).")]
+_REFRESH = Annotated[
+    list[str] | None,
+    typer.Option("--refresh", help=f"Recompute this stage even when cached (repeatable): {', '.join(STAGES)}."),
+]
 
 
 def _prefect_env(verbose: bool) -> None:
@@ -96,18 +101,22 @@ def _with_refresh(cfg: Config, refresh: list[str] | None) -> Config:
     return cfg
 
 
-def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None) -> dict[str, Any]:
+def _run(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None = None, *,
+         study: bool = False) -> dict[str, Any]:
+    """The pipeline (or with ``study`` the study) of ``cfg``: in this process, or as its Prefect flow."""
     cfg = _with_refresh(cfg, refresh)
     if no_prefect:
         from mpafer.pipeline import run_pipeline
+        from mpafer.study import run_study
 
-        return run_pipeline(cfg)
+        return run_study(cfg) if study else run_pipeline(cfg)
     _prefect_env(verbose)
     from flows.pipeline import mpa_fer_pipeline
+    from flows.study import mpa_fer_study
 
     if not verbose:
         _quiet_user_errors()
-    return mpa_fer_pipeline(config=cfg)
+    return mpa_fer_study(config=cfg) if study else mpa_fer_pipeline(config=cfg)
 
 
 def _report(summary: dict[str, Any]) -> None:
@@ -155,12 +164,9 @@ def demo(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", help="YAML config file (or a name under configs/).")],
+    config: _CONFIG,
     sets: _SETS = None,
-    refresh: Annotated[
-        list[str] | None,
-        typer.Option("--refresh", help=f"Recompute this stage even when cached (repeatable): {', '.join(STAGES)}."),
-    ] = None,
+    refresh: _REFRESH = None,
     verbose: _VERBOSE = False,
     no_prefect: _NO_PREFECT = False,
 ) -> None:
@@ -180,23 +186,9 @@ def _list_option(name: str, raw: str | None) -> list[str]:
     return [f"study.{name}=[{','.join(items)}]"]
 
 
-def _run_study(cfg: Config, verbose: bool, no_prefect: bool, refresh: list[str] | None) -> dict[str, Any]:
-    cfg = _with_refresh(cfg, refresh)
-    if no_prefect:
-        from mpafer.study import run_study
-
-        return run_study(cfg)
-    _prefect_env(verbose)
-    from flows.study import mpa_fer_study
-
-    if not verbose:
-        _quiet_user_errors()
-    return mpa_fer_study(config=cfg)
-
-
 @app.command()
 def study(
-    config: Annotated[Path, typer.Option("--config", help="YAML config file (or a name under configs/).")],
+    config: _CONFIG,
     sets: _SETS = None,
     protocol: Annotated[str | None, typer.Option(
         "--protocol", help="full, fewshot, b2n (base-to-novel) or cross (same as --set study.protocol=...).")] = None,
@@ -204,10 +196,7 @@ def study(
         "--variants", help="Comma-separated model.variant values, the table's rows (study.variants).")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (study.seeds).")] = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Few-shot: comma-separated shots (study.shots).")] = None,
-    refresh: Annotated[
-        list[str] | None,
-        typer.Option("--refresh", help=f"Recompute this stage even when cached (repeatable): {', '.join(STAGES)}."),
-    ] = None,
+    refresh: _REFRESH = None,
     verbose: _VERBOSE = False,
     no_prefect: _NO_PREFECT = False,
 ) -> None:
@@ -221,7 +210,7 @@ def study(
     overrides = [*(sets or []), *([f"study.protocol={protocol}"] if protocol is not None else []),
                  *_list_option("variants", variants), *_list_option("seeds", seeds), *_list_option("shots", shots)]
     cfg = config_from_options(config, overrides)
-    summary = _run_study(cfg, verbose, no_prefect, refresh)
+    summary = _run(cfg, verbose, no_prefect, refresh, study=True)
     table = Path(summary["table_path"]).read_text(encoding="utf-8").split("\n\n")[0]
     out.print(table, markup=False, highlight=False, soft_wrap=True)
     for label, key in (("table", "table_path"), ("plot", "plot_path"), ("report", "report_path")):

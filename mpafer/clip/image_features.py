@@ -41,7 +41,7 @@ from mpafer.artifacts import (
     write_parquet,
 )
 from mpafer.clip.backbone import Backbone
-from mpafer.clip.prototypes import face_crop_mode, test_transform
+from mpafer.clip.prototypes import face_crop_mode, image_artifact_meta, test_transform
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, DataError
 from mpafer.runtime import autocast, resolve_amp
@@ -206,13 +206,7 @@ def build_image_features(
             "feature": tensor_to_fixed_list(matrix),
         })
         meta = {
-            "kind": "image_features",
-            "key": key,
-            **backbone.metadata(),
-            "amp": amp_used,
-            "manifest_key": manifest.key,
-            "manifest_file": str(Path(manifest_path).resolve()),
-            "classes": list(manifest.classes),
+            **image_artifact_meta("image_features", key, backbone, amp_used, manifest, manifest_path),
             "face_crop": crop,
             **spec,
             "feature": "L2-normalised global feature of the prompt-free frozen image tower",

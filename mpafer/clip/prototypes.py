@@ -207,6 +207,14 @@ def prototypes_key(backbone: Backbone, manifest_key: str, subset: int | None, se
     )
 
 
+def image_artifact_meta(kind: str, key: str, backbone: Backbone, amp: str, manifest: Any,
+                        manifest_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What every artifact computed by the frozen image encoder from a manifest records: its kind and key, the
+    backbone, the autocast, the manifest (key, file, classes)."""
+    return {"kind": kind, "key": key, **backbone.metadata(), "amp": amp, "manifest_key": manifest.key,
+            "manifest_file": str(Path(manifest_path).resolve()), "classes": list(manifest.classes)}
+
+
 def build_prototypes(
     backbone: Backbone,
     manifest_path: str | os.PathLike[str],
@@ -253,13 +261,7 @@ def build_prototypes(
             }
         )
         meta = {
-            "kind": "prototypes",
-            "key": key,
-            **backbone.metadata(),
-            "amp": amp_used,
-            "manifest_key": manifest.key,
-            "manifest_file": str(Path(manifest_path).resolve()),
-            "classes": classes,
+            **image_artifact_meta("prototypes", key, backbone, amp_used, manifest, manifest_path),
             "subset": subset,
             "seed": seed,
             "split": "train",

@@ -10,6 +10,8 @@ the other finds its artifacts. Both runners (:func:`mpafer.study.runner.run_stud
 
 Settings per protocol (docs/STUDY.md):
 
+Every evaluation reads ``study.split``: the test split, or ``val`` for a choice that must not look at it.
+
 * ``full``: the training split as it is; evaluated on the test split.
 * ``fewshot``: per K in ``study.shots`` and per seed, ``K`` training images per class drawn with the seed
   (CoOp's convention: each seed its own subset, so the spread covers the draw); evaluated on the full test
@@ -181,7 +183,7 @@ def study_steps(cfg: Config, source: StageResult, target: StageResult | None = N
             if study.protocol == "fewshot":
                 manifest = add(Step(f"subset[{setting.name}|seed {seed}]", "subset", cfg,
                                     {"manifest": src, "shots": setting.shots, "seed": seed}))
-                evaluations = [("test", "evaluate", src, None)]
+                evaluations = [(study.split, "evaluate", src, None)]
             elif study.protocol == "b2n":
                 train_classes = base
                 manifest = add(Step(f"subset[{','.join(base)}]", "subset", cfg, {"manifest": src, "classes": base}))
@@ -191,7 +193,7 @@ def study_steps(cfg: Config, source: StageResult, target: StageResult | None = N
                                ("novel", "transfer", novel_manifest, knowledge(novel))]
             else:
                 manifest = src
-                evaluations = [("test", "evaluate", src, None)]
+                evaluations = [(study.split, "evaluate", src, None)]
                 if study.protocol == "cross":  # into a folder of its own, even with the same classes
                     evaluations.append((target_name(cfg), "transfer", Ref("manifest@target"),
                                         knowledge(target_classes)))
@@ -204,7 +206,7 @@ def study_steps(cfg: Config, source: StageResult, target: StageResult | None = N
                     "manifest": manifest, "text_features": text, "prototypes": prototypes,
                     "image_features": features if ccfg.reads_frozen_features else None}))
                 for evaluation, stage, on, text_features in evaluations:
-                    kwargs: dict[str, Any] = {"train": trained, "manifest": on}
+                    kwargs: dict[str, Any] = {"train": trained, "manifest": on, "split": study.split}
                     if stage == "transfer":
                         kwargs["text_features"] = text_features
                     result = add(Step(f"{stage}[{cell}|{evaluation}]", stage, ccfg, kwargs))

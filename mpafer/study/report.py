@@ -13,12 +13,12 @@ __all__ = ["render", "title"]
 
 #: What each protocol measures, in the report's words.
 PROTOCOLS = {
-    "full": "every training image; evaluated on the test split",
+    "full": "every training image; evaluated on the {split} split",
     "fewshot": "K training images per class, drawn per seed (each seed its own subset); evaluated on the whole "
-               "test split",
-    "b2n": "trained on the base classes only; evaluated on the base classes' test images and on the novel "
+               "{split} split",
+    "b2n": "trained on the base classes only; evaluated on the base classes' {split} images and on the novel "
            "classes' (scored with the learned shared context and their names); H is the harmonic mean of the two",
-    "cross": "trained on the dataset; evaluated on its test split and on another dataset's, whose classes are "
+    "cross": "trained on the dataset; evaluated on its {split} split and on another dataset's, whose classes are "
              "scored by their canonical names",
 }
 
@@ -41,7 +41,7 @@ def render(cfg: Config, rows: Sequence[Row], cells: Sequence[Mapping[str, Any]],
     lines = [
         f"# {title(cfg)}",
         "",
-        f"Protocol **{study.protocol}**: {PROTOCOLS[study.protocol]}. Variants: "
+        f"Protocol **{study.protocol}**: {PROTOCOLS[study.protocol].format(split=study.split)}. Variants: "
         + ", ".join(f"`{v}`" for v in study.variants) + f". Seeds: {seeds}.",
         "",
         "| field | value |",
@@ -63,7 +63,7 @@ def render(cfg: Config, rows: Sequence[Row], cells: Sequence[Mapping[str, Any]],
         markdown_rows(rows),
         f"![accuracy]({Path(files['plot']).name})",
         "",
-        "The test split is never used for a choice: every run reports its last epoch.",
+        "Every run reports its last epoch: nothing is chosen on the split the table reports.",
         "",
         "## Cells",
         "",

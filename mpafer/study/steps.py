@@ -134,7 +134,7 @@ def stage_transfer(cfg: Config, train: StageResult, manifest: StageResult, text_
 
 # ------------------------------------------------------------------------------------------ aggregate
 #: The study fields the table depends on (``workers`` only decides how many runs go at once).
-_TABLE_FIELDS = {"protocol", "variants", "seeds", "shots", "base_classes", "target", "confidence"}
+_TABLE_FIELDS = {"protocol", "variants", "seeds", "shots", "base_classes", "target", "split", "confidence"}
 
 
 def _cell_identity(cell: Mapping[str, Any]) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def _mean_std(r: Row) -> str:
 def column_name(r: Row) -> str:
     """The pivot's column of a row: the setting and the evaluation, as short as they can be."""
     if r.shots is not None:
-        return f"{r.shots}-shot" if r.evaluation == "test" else f"{r.shots}-shot {r.evaluation}"
+        return f"{r.shots}-shot" if r.evaluation in ("test", "val") else f"{r.shots}-shot {r.evaluation}"
     return r.evaluation if r.setting in ("full", "base-to-novel", "cross") else f"{r.setting} {r.evaluation}"
 
 
@@ -180,7 +180,7 @@ def plot_rows(rows: Sequence[Row], path: str | os.PathLike[str], title: str) -> 
 
     if fewshot:
         for v in variants:
-            mine = sorted((r for r in rows if r.variant == v and r.evaluation == "test"), key=lambda r: r.shots or 0)
+            mine = sorted((r for r in rows if r.variant == v), key=lambda r: r.shots or 0)
             ax.errorbar([r.shots for r in mine], [100 * r.accuracy for r in mine], yerr=[err(r) for r in mine],
                         marker="o", markersize=4, capsize=3, label=v)
         ax.set_xscale("log", base=2)

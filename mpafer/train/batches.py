@@ -79,6 +79,16 @@ class _ShardedBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         return len(self.sampler)
 
 
+def _shard_of_batches(sampler: EpochBatchSampler, epoch: int, start_batch: int,
+                      dist: DistContext) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """``(batch index, this rank's (sample index, augmentation seed) pairs)`` of ``epoch`` from ``start_batch`` on."""
+    sampler.set_epoch(epoch, 0)
+    batches = sampler.epoch_batches()
+    for b in range(start_batch, len(batches)):
+        lo, hi = shard_bounds(len(batches[b]), dist.rank, dist.world_size)
+        yield b, batches[b][lo:hi]
+
+
 class LoaderBatches:
     """Training batches from a DataLoader over the train split with seeded per-item transforms."""
 
@@ -152,12 +162,9 @@ class CachedBatches:
     def epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         from mpafer.data.images import gpu_augment, normalize_uint8
 
-        self.sampler.set_epoch(epoch, 0)
-        batches = self.sampler.epoch_batches()
         rank, world = self.dist.rank, self.dist.world_size
-        for b in range(start_batch, len(batches)):
-            lo, hi = shard_bounds(len(batches[b]), rank, world)
-            idx = torch.tensor([i for i, _ in batches[b][lo:hi]], dtype=torch.long)
+        for b, pairs in _shard_of_batches(self.sampler, epoch, start_batch, self.dist):
+            idx = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
             y = self.labels.index_select(0, idx.to(self.labels.device))
             if not self.tc.augment:
@@ -196,11 +203,7 @@ class FeatureBatches:
         return self.sampler.batches_per_epoch
 
     def epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        self.sampler.set_epoch(epoch, 0)
-        batches = self.sampler.epoch_batches()
-        for b in range(start_batch, len(batches)):
-            lo, hi = shard_bounds(len(batches[b]), self.dist.rank, self.dist.world_size)
-            pairs = batches[b][lo:hi]
+        for _, pairs in _shard_of_batches(self.sampler, epoch, start_batch, self.dist):
             idx = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=self.device)
             if self.augment:
                 views = self.features.shape[1]
