@@ -130,6 +130,23 @@ def test_gain_over_zero_shot_on_the_same_split(evaluated: tuple[Path, dict], mon
     assert evaluate(run_dir, inputs.manifest, force=True)["zeroshot"]["accuracy"] == pytest.approx(zs["accuracy"])
 
 
+def test_runs_on_the_same_images_share_one_zero_shot_baseline(evaluated: tuple[Path, dict], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline does not depend on the run: another run evaluated on the same split reads the copy kept
+    next to the text features (a study evaluates dozens of runs on one test split)."""
+    _, summary = evaluated
+    inputs = shared_inputs()
+    run_train(base_config(epochs=1, seed=9), inputs, tmp_path / "other")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("zero-shot recomputed")
+
+    monkeypatch.setattr("mpafer.clip.zeroshot.zeroshot_split", fail)
+    other = evaluate(tmp_path / "other", inputs.manifest)
+    assert other["zeroshot"] == summary["zeroshot"]
+    assert json.loads((tmp_path / "other" / "zeroshot.json").read_text())["key"] == summary["zeroshot"]["key"]
+
+
 def test_run_without_text_features_says_zero_shot_not_available(tmp_path: Path) -> None:
     from mpafer.train import train
 

@@ -4,7 +4,9 @@
 the hard-prompt class targets θ(t_c*) of the run's text-features file (``run.json`` records it): the
 zero-shot row of docs/METHOD.md, on the same images, preprocessing and precision as the run. The result
 is cached in ``run_dir/zeroshot.json`` (``zeroshot-<split>.json`` for another split) under a content key
-over everything it depends on, so re-evaluating a run (new prompts, ``--force``) does not redo it.
+over everything it depends on, so re-evaluating a run (new prompts, ``--force``) does not redo it; a copy
+next to the text features (``zeroshot-<key16>.json``) serves every other run evaluated on the same images
+(a study's cells).
 
 A run trained without text features, or whose file is gone, has no baseline:
 ``{"available": False, "reason": ...}``, and the report says "zero-shot not available".
@@ -12,6 +14,7 @@ A run trained without text features, or whose file is gone, has no baseline:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -61,12 +64,14 @@ def zeroshot_baseline(run: LoadedRun, manifest: Any, manifest_path: str | os.Pat
                       backbone.model_name, backbone.identity, backbone.precision, amp, backbone.image_size,
                       list(backbone.mean), list(backbone.std), backbone.resize_settings)
     path = Path(run_dir) / baseline_name(split)
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cached = {}
+    # The baseline depends on the text features, the images and the frozen CLIP, not on the run: every run
+    # evaluated on the same split (a study's cells) shares one copy, next to the text features.
+    shared = Path(tf_path).parent / f"zeroshot-{key[:16]}.json"
+    for where in (path, shared):
+        cached = _read(where)
         if cached.get("key") == key:
+            if where is shared:
+                atomic_write_json(path, cached)
             return {**cached, "cached": True}
     try:
         preds, labels, classes = zeroshot_split(backbone, manifest_path, tf_path, split,
@@ -78,7 +83,20 @@ def zeroshot_baseline(run: LoadedRun, manifest: Any, manifest_path: str | os.Pat
     result = {"available": True, "key": key, "split": split, "text_features": str(tf_path), "n": m["n"],
               **{name: m[name] for name in ("accuracy", "mean_class_accuracy", "macro_f1", "per_class_accuracy")}}
     atomic_write_json(path, result)
+    with contextlib.suppress(OSError):  # a read-only features folder only costs the sharing
+        atomic_write_json(shared, result)
     return {**result, "cached": False}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A cached baseline (``{}`` when absent or unreadable: it is then computed again)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def gain(run_metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float] | None:
