@@ -179,10 +179,11 @@ def plot_rows(rows: Sequence[Row], path: str | os.PathLike[str], title: str) -> 
         return 0.0 if r.ci_high is None else 100 * (r.ci_high - r.accuracy)
 
     if fewshot:
-        for v in variants:
+        for j, v in enumerate(variants):
             mine = sorted((r for r in rows if r.variant == v), key=lambda r: r.shots or 0)
-            ax.errorbar([r.shots for r in mine], [100 * r.accuracy for r in mine], yerr=[err(r) for r in mine],
-                        marker="o", markersize=4, capsize=3, label=v)
+            dodge = 2 ** (0.03 * (j - (len(variants) - 1) / 2))  # the error bars side by side, not on top
+            ax.errorbar([(r.shots or 0) * dodge for r in mine], [100 * r.accuracy for r in mine],
+                        yerr=[err(r) for r in mine], marker="o", markersize=4, capsize=3, label=v)
         ax.set_xscale("log", base=2)
         shots = sorted({r.shots for r in rows if r.shots is not None})
         ax.set_xticks(shots, labels=[str(k) for k in shots])
