@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from mpafer.config import ClipConfig, DataConfig, LLMConfig, ModelConfig, PipelineConfig, StudyConfig, TrainConfig
+from mpafer.config import (
+    ClipConfig,
+    DataConfig,
+    LLMConfig,
+    ModelConfig,
+    PipelineConfig,
+    StudyConfig,
+    TrainConfig,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: Folders that are not the repository's own text (caches, environments, generated work).

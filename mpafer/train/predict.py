@@ -188,8 +188,14 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None, *,
         classes = learned
     else:
         classes = _transfer_classes(run_dir, cfg, learned, list(classes), text_features_path, exported is not None)
-        # the classifier of zeroshot/vpt and the zero-shot baseline read the new classes' hard prompts
-        info = {**info, "inputs": {**(info.get("inputs") or {}), "text_features": str(text_features_path)}}
+        # the classifier of zeroshot/vpt and the zero-shot baseline read the new classes' hard prompts: the
+        # recorded file is replaced wherever run.json names it (its copy seen from the run folder, its sha256)
+        from mpafer.artifacts import sha256_file
+
+        tf = str(Path(text_features_path).resolve())
+        info = {**info, "inputs": {**(info.get("inputs") or {}), "text_features": tf},
+                "inputs_relative": {**(info.get("inputs_relative") or {}), "text_features": None},
+                "input_keys": {**(info.get("input_keys") or {}), "text_features": sha256_file(tf)}}
 
     dev = train_device(cfg)
     backbone = load_backbone(cfg.clip.model_copy(update={"device": dev.type}))
