@@ -30,7 +30,7 @@ from flows.stages import _unwrap, resolve_config, run_config, run_label
 from flows.tasks import configured
 from mpafer.config import Config
 from mpafer.pipeline import StageResult, prepare_config, refresh_set
-from mpafer.study.design import Step, check_study, manifest_steps, resolve, study_steps
+from mpafer.study.design import Step, check_manifests, check_study, manifest_steps, resolve, study_steps
 from mpafer.study.runner import study_summary
 from mpafer.study.steps import STUDY_STEPS
 
@@ -119,6 +119,7 @@ def mpa_fer_study(
     with library_logs_to_prefect():
         first = manifest_steps(cfg)
         _run_steps(first, tasks, results, cached, cfg.study.workers, force)
+        check_manifests(cfg, results)
         more = study_steps(cfg, results["manifest"], results.get("manifest@target"))
         _run_steps(more, tasks, results, cached, cfg.study.workers, force)
     summary = study_summary(cfg, [*first, *more], results, time.perf_counter() - started, runner="prefect",

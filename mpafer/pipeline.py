@@ -64,7 +64,7 @@ from mpafer.artifacts import (
     parquet_metadata,
     sha256_file,
 )
-from mpafer.config import Config, StageName, StudyStepName
+from mpafer.config import Config, ModelConfig, StageName, StudyStepName
 from mpafer.errors import ArtifactError, ConfigError, DataError, FileSystemError, file_system_error
 from mpafer.fileio import walk_tree
 
@@ -278,7 +278,7 @@ def _result(plan: StagePlan, path: Path, key: str, cached: bool, t0: float, **in
     )
 
 
-def _record_path(cfg: Config, path: str | os.PathLike[str]) -> str:
+def record_path(cfg: Config, path: str | os.PathLike[str]) -> str:
     """A path as a stage record stores it: relative to the project folder when it lies inside (a copied or
     moved project folder then names, and checks, its own files), else absolute."""
     p = Path(path).resolve()
@@ -288,13 +288,13 @@ def _record_path(cfg: Config, path: str | os.PathLike[str]) -> str:
         return str(p)
 
 
-def _recorded_path(cfg: Config, text: str) -> Path:
-    """A path read from a stage record (:func:`_record_path`), absolute."""
+def recorded_path(cfg: Config, text: str) -> Path:
+    """A path read from a stage record (:func:`record_path`), absolute."""
     p = Path(text)
     return p if p.is_absolute() else project_dir(cfg) / p
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ArtifactError(f"record {path} is not a JSON object")
@@ -365,8 +365,8 @@ def _clip_fields(cfg: Config) -> dict[str, str]:
 def _manifest_record(cfg: Config, index: Path) -> dict[str, Any]:
     """The index record and the manifest it points at, verified (raises when anything is off); its path
     absolute."""
-    rec = _read_json(index)
-    path = _recorded_path(cfg, rec["path"])
+    rec = read_record(index)
+    path = recorded_path(cfg, rec["path"])
     rec["path"] = str(path)
     if not is_valid_parquet(path, _MANIFEST_COLUMNS):
         raise ArtifactError(f"manifest {path} is missing or damaged")
@@ -411,7 +411,7 @@ def stage_manifest(cfg: Config, *, refresh: bool = False) -> StageResult:
         rec = {
             "step_key": plan.key,
             "key": res.key,
-            "path": _record_path(cfg, res.path),
+            "path": record_path(cfg, res.path),
             "classes": list(getattr(res, "classes", None) or meta["classes"]),
             "dataset": getattr(res, "dataset", None) or meta.get("dataset", cfg.data.dataset),
             "n_rows": int(res.n_rows),
@@ -459,8 +459,8 @@ def _describe_identity(cfg: Config) -> dict[str, Any]:
 
 
 def _describe_record(cfg: Config, record: Path) -> dict[str, Any]:
-    rec = _read_json(record)
-    rec["path"] = str(_recorded_path(cfg, rec["path"]))
+    rec = read_record(record)
+    rec["path"] = str(recorded_path(cfg, rec["path"]))
     if sha256_file(rec["path"]) != rec["sha256"]:
         raise ArtifactError(f"descriptions file {rec['path']} changed since it was recorded")
     return rec
@@ -490,7 +490,7 @@ def stage_describe(cfg: Config, classes: Sequence[str], *, refresh: bool = False
         res = get_descriptions(list(classes), cfg.llm, descriptions_dir(cfg), _abs(cfg, cfg.llm.cache_dir))
         path = Path(res.path).resolve()
         load_descriptions(path)  # validate before recording it
-        rec = {"key": plan.key, "path": _record_path(cfg, path), "sha256": sha256_file(path), "model": cfg.llm.model,
+        rec = {"key": plan.key, "path": record_path(cfg, path), "sha256": sha256_file(path), "model": cfg.llm.model,
                "n_requests": res.n_requests, "n_cached": res.n_cached}
         atomic_write_json(plan.path, rec)
         return {**rec, "path": str(path)}
@@ -663,7 +663,7 @@ def _train_record(run_dir: Path, key: str) -> dict[str, Any]:
     """The completion record, verified: same key, and every learned-prompt file present and loadable."""
     from mpafer.train.predict import load_prompts
 
-    rec = _read_json(run_dir / TRAIN_RECORD)
+    rec = read_record(run_dir / TRAIN_RECORD)
     if rec.get("key") != key:
         raise ArtifactError(f"run {run_dir} was trained under another key")
     for path in _prompt_files(run_dir, rec):
@@ -757,16 +757,16 @@ def stage_train(
 # ------------------------------------------------------------------------------------------ evaluate
 def _eval_record(cfg: Config, record: Path, key: str) -> dict[str, Any]:
     """The evaluation record, verified (its summary is the one it recorded); its paths absolute."""
-    rec = _read_json(record)
+    rec = read_record(record)
     if rec.get("key") != key:
         raise ArtifactError(f"{record} belongs to another evaluation")
     for name in ("summary_path", "report_path"):
-        rec[name] = str(_recorded_path(cfg, rec[name]))
+        rec[name] = str(recorded_path(cfg, rec[name]))
         if not Path(rec[name]).is_file():
             raise ArtifactError(f"{rec[name]} is missing")
-    rec["figures"] = [str(_recorded_path(cfg, f)) for f in rec.get("figures") or []]
+    rec["figures"] = [str(recorded_path(cfg, f)) for f in rec.get("figures") or []]
     if rec.get("predictions_path"):
-        rec["predictions_path"] = str(_recorded_path(cfg, rec["predictions_path"]))
+        rec["predictions_path"] = str(recorded_path(cfg, rec["predictions_path"]))
     summary = Path(rec["summary_path"])
     if "summary_sha256" in rec and sha256_file(summary) != rec["summary_sha256"]:
         raise ArtifactError(f"{summary} changed since it was recorded")
@@ -840,15 +840,15 @@ def stage_evaluate(
         rec = {
             "key": plan.key,
             "split": split,
-            "summary_path": _record_path(cfg, summary_path),
+            "summary_path": record_path(cfg, summary_path),
             "summary_sha256": sha256_file(summary_path),
-            "report_path": _record_path(cfg, report_path),
-            "figures": [_record_path(cfg, f) for f in figures],
+            "report_path": record_path(cfg, report_path),
+            "figures": [record_path(cfg, f) for f in figures],
             "accuracy": summary.get("accuracy"),
             "mean_class_accuracy": summary.get("mean_class_accuracy"),
             "macro_f1": summary.get("macro_f1"),
             "zeroshot_accuracy": (summary.get("zeroshot") or {}).get("accuracy"),
-            "predictions_path": _record_path(cfg, predictions) if predictions else None,
+            "predictions_path": record_path(cfg, predictions) if predictions else None,
             "n_test": summary.get("n_test"),
             "finished_at": _now(),
         }
@@ -980,11 +980,12 @@ def _usable_project_dir(cfg: Config) -> Path:
     return folder
 
 
-def preflight(cfg: Config, stages: Iterable[str]) -> None:
+def preflight(cfg: Config, stages: Iterable[str], models: Iterable[ModelConfig] = ()) -> None:
     """Cheap checks of what ``stages`` will need, before the first of them runs, so that a typo fails in a
     second and not after minutes of hashing and LLM calls: a writable project folder; the CLIP weights
     available (file, package, cache or a reachable download source) and, for training, the model fields
-    the image tower bounds (``vpt_depth``, ``topk``), read from the CLIP's config without loading it."""
+    the image tower bounds (``vpt_depth``, ``topk``), read from the CLIP's config without loading it, for
+    ``cfg.model`` and each of ``models`` (a study's variants: CGLA's ``topk`` matters to some only)."""
     names = set(stages)
     _usable_project_dir(cfg)
     if names & {"text_features", "prototypes", "image_features", "train", "evaluate"}:
@@ -994,7 +995,8 @@ def preflight(cfg: Config, stages: Iterable[str]) -> None:
         if shape is not None and "train" in names:
             from mpafer.model.mpa import check_image_tower_fit
 
-            check_image_tower_fit(cfg.model, *shape)
+            for model in (cfg.model, *models):
+                check_image_tower_fit(model, *shape)
 
 
 def check_stage_result(stage: str, results: Mapping[str, StageResult], stages: Iterable[str]) -> None:

@@ -142,6 +142,23 @@ def test_base_to_novel_refuses_a_class_specific_context_in_one_line(tmp_path: Pa
     assert "study.protocol" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("runner", [["--no-prefect"], []], ids=["python", "prefect"])
+def test_a_variant_the_clip_cannot_take_is_refused_before_any_work(runner: list[str], tmp_path: Path,
+                                                                   request: pytest.FixtureRequest,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """The pipeline's preflight for every variant of the study: CGLA's top-k above the CLIP's patches concerns
+    ``mpa`` only, and fails in one line before a manifest is built (through Prefect too)."""
+    if not runner:
+        request.getfixturevalue("prefect_server")
+    code = main(["study", "--config", "demo", "--variants", "coop,mpa", "--set", "model.topk=100000",
+                 "--set", f"pipeline.project_dir={tmp_path}", *runner])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: model.topk=100000"), err
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "runs").exists(), "refused before any work"
+
+
+
+
 # ------------------------------------------------------------------------------------------ the runners
 def test_plain_runner_reruns_nothing_and_a_new_seed_runs_only_that_seed(tmp_path: Path) -> None:
     project = tmp_path / "proj"
@@ -163,6 +180,7 @@ def test_plain_runner_reruns_nothing_and_a_new_seed_runs_only_that_seed(tmp_path
     assert "95 % interval" in report and "accuracy_vs_shots.png" in report
 
 
+
 def test_a_study_cell_is_the_pipelines_run(tmp_path: Path) -> None:
     """``mpafer run`` with a cell's variant and seed, then the study: the study reuses that run."""
     project = tmp_path / "proj"
@@ -181,8 +199,8 @@ def test_base_to_novel_and_cross_dataset(tmp_path: Path) -> None:
     rows = json.loads(Path(b2n["table_json"]).read_text())["rows"]
     assert [(r["variant"], r["evaluation"]) for r in rows] == [(v, e) for v in ("zeroshot", "coop")
                                                                for e in ("base", "novel", "H")]
-    novel = json.loads(Path(next(c["summary"] for c in json.loads(Path(b2n["table_json"]).read_text())["cells"]
-                                 if c["evaluation"] == "novel" and c["variant"] == "coop")).read_text())
+    novel = json.loads((project / next(c["summary"] for c in json.loads(Path(b2n["table_json"]).read_text())["cells"]
+                                       if c["evaluation"] == "novel" and c["variant"] == "coop")).read_text())
     assert novel["classes"] == ["sadness", "surprise"] and novel["train_classes"] == ["neutral", "happiness"]
     assert novel["zeroshot"]["available"], "the zero-shot baseline on the novel classes too"
 
@@ -193,6 +211,27 @@ def test_base_to_novel_and_cross_dataset(tmp_path: Path) -> None:
     assert [r["evaluation"] for r in rows] == ["test", "folder (synthetic, seed 7)"] * 2
     with pytest.raises(ConfigError, match="protocol cross needs study.target"):
         study_config(project, "study.protocol=cross")
+
+
+def test_a_copied_project_reruns_nothing_and_names_its_own_files(tmp_path: Path) -> None:
+    """The study's records (transfer, aggregate) store paths relative to the project folder, as the stages'
+    do: a project copied elsewhere reuses every step and reports its own files, not the original's."""
+    import shutil
+
+    from mpafer.data.synthetic import generate_dataset
+
+    faces = generate_dataset(tmp_path / "faces", ["neutral", "happiness", "sadness", "surprise"], 4, 0, 4, 32, 0)
+    project, copy = tmp_path / "proj", tmp_path / "copy"
+    over = (f"data.root={faces}", "study.protocol=b2n", "study.variants=[coop]")
+    run_study(study_config(project, *over))
+    shutil.copytree(project, copy)
+    shutil.rmtree(project)
+    again = run_study(study_config(copy, *over))
+    assert again["executed"] == [], again["executed"]
+    assert all(Path(again[k]).is_relative_to(copy) for k in ("table_path", "plot_path", "report_path"))
+    cells = json.loads(Path(again["table_json"]).read_text())["cells"]
+    assert {c["evaluation"] for c in cells} == {"base", "novel"}
+    assert all((copy / c["summary"]).is_file() for c in cells), "cells name their summaries inside the project"
 
 
 # ------------------------------------------------------------------------------------------ Prefect

@@ -35,11 +35,11 @@ from typing import Any
 
 from mpafer.config import Config
 from mpafer.errors import ConfigError
-from mpafer.pipeline import StageResult, prepare_config, run_name
+from mpafer.pipeline import STAGES, StageResult, check_stage_result, preflight, prepare_config, run_name
 from mpafer.study.derive import base_novel_split
 
-__all__ = ["Ref", "Setting", "Step", "cell_config", "check_study", "manifest_steps", "resolve", "study_steps",
-           "target_config"]
+__all__ = ["Ref", "Setting", "Step", "cell_config", "check_manifests", "check_study", "manifest_steps", "resolve",
+           "study_steps", "target_config"]
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,21 @@ def target_config(cfg: Config) -> Config:
 
 
 def check_study(cfg: Config) -> None:
-    """What can be refused before any work: base-to-novel with a class-specific context (it has no context for
-    the novel classes), one line."""
+    """What can be refused before any work, one line each: base-to-novel with a class-specific context (it has
+    no context for the novel classes), and the pipeline's own checks (:func:`mpafer.pipeline.preflight`: the
+    project folder, the CLIP weights, every variant's ``vpt_depth``/``topk`` against the CLIP)."""
     if cfg.study.protocol == "b2n" and cfg.model.class_specific_ctx:
         raise ConfigError("base-to-novel scores the novel classes with the learned context, and a class-specific "
                           "context has none for them: set model.class_specific_ctx=false")
+    preflight(cfg, STAGES, [cell_config(cfg, v, 0, "").model for v in cfg.study.variants])
+
+
+def check_manifests(cfg: Config, results: Mapping[str, StageResult]) -> None:
+    """The pipeline's checks on a fresh manifest (:func:`mpafer.pipeline.check_stage_result`): the dataset has 2
+    classes and training images for each; a cross-dataset target (evaluated only) has 2 classes."""
+    check_stage_result("manifest", results, STAGES)
+    if "manifest@target" in results:
+        check_stage_result("manifest", {"manifest": results["manifest@target"]}, ("manifest", "evaluate"))
 
 
 def manifest_steps(cfg: Config) -> list[Step]:

@@ -21,7 +21,7 @@ from mpafer.pipeline import (
     run_name,
 )
 from mpafer.pipeline import stage_of as pipeline_stage
-from mpafer.study.design import Step, check_study, manifest_steps, resolve, study_steps
+from mpafer.study.design import Step, check_manifests, check_study, manifest_steps, resolve, study_steps
 
 __all__ = ["run_study", "step_function", "study_summary"]
 
@@ -50,6 +50,7 @@ def run_study(cfg: Config, refresh: Iterable[str] = ()) -> dict[str, Any]:
     steps = manifest_steps(cfg)
     for step in steps:
         results[step.id] = run_step(step, results, force)
+    check_manifests(cfg, results)
     more = study_steps(cfg, results["manifest"], results.get("manifest@target"))
     for step in more:
         results[step.id] = run_step(step, results, force)
@@ -85,3 +86,4 @@ def study_summary(cfg: Config, steps: Sequence[Step], results: Mapping[str, Stag
     summary["summary_path"] = str(out)
     atomic_write_json(out, summary)
     return summary
+

@@ -33,24 +33,27 @@ from mpafer.artifacts import (
 )
 from mpafer.config import Config
 from mpafer.errors import ArtifactError, ConfigError
-from mpafer.pipeline import StagePlan, StageResult, manifest_dir, once, project_dir, run_name
+from mpafer.pipeline import (
+    StagePlan,
+    StageResult,
+    manifest_dir,
+    once,
+    project_dir,
+    read_record,
+    record_path,
+    recorded_path,
+    run_name,
+)
 from mpafer.study.derive import ClassSubset, Derivation, FewShot, derivation_key, derive_manifest
 
 __all__ = ["STUDY_STEPS", "plan_step", "stage_aggregate", "stage_subset", "stage_transfer"]
 
 #: Part of the aggregate's key; bump when the table's files or numbers change.
-STUDY_VERSION = "1"
+STUDY_VERSION = "2"
 
 
 def _elapsed(t0: float) -> float:
     return round(time.perf_counter() - t0, 4)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ArtifactError(f"record {path} is not a JSON object")
-    return data
 
 
 # ------------------------------------------------------------------------------------------ subset
@@ -85,10 +88,15 @@ def stage_subset(cfg: Config, manifest: StageResult, shots: int | None = None, s
 
 
 # ------------------------------------------------------------------------------------------ transfer
-def _transfer_record(record: Path, key: str) -> dict[str, Any]:
-    rec = _read_json(record)
+#: The paths a transfer record holds (stored relative to the project folder, as the stages' records are).
+_TRANSFER_PATHS = ("summary_path", "report_path")
+
+
+def _transfer_record(cfg: Config, record: Path, key: str) -> dict[str, Any]:
+    rec = read_record(record)
     if rec.get("key") != key:
         raise ArtifactError(f"{record} belongs to another evaluation")
+    rec.update({name: str(recorded_path(cfg, rec[name])) for name in _TRANSFER_PATHS})
     json.loads(Path(rec["summary_path"]).read_text(encoding="utf-8"))
     return rec
 
@@ -100,7 +108,7 @@ def plan_transfer(cfg: Config, train: StageResult, manifest: StageResult, text_f
 
     key = content_key("transfer", EVALUATION_VERSION, train.key, manifest.key, text_features.key, split)
     record = Path(train.path) / f"transfer-{key[:12]}" / f"transfer-{split}.json"
-    return StagePlan("transfer", key, record, lambda: bool(_transfer_record(record, key)))
+    return StagePlan("transfer", key, record, lambda: bool(_transfer_record(cfg, record, key)))
 
 
 def stage_transfer(cfg: Config, train: StageResult, manifest: StageResult, text_features: StageResult, *,
@@ -118,15 +126,15 @@ def stage_transfer(cfg: Config, train: StageResult, manifest: StageResult, text_
 
         summary = evaluate(train.path, manifest.path, split, out_dir=plan.path.parent,
                            text_features_path=text_features.path, force=refresh)
-        rec = {"key": plan.key, "split": split, "summary_path": summary["artifacts"]["summary"],
-               "report_path": summary["artifacts"]["report"], "classes": summary["classes"],
+        rec = {"key": plan.key, "split": split, "summary_path": record_path(cfg, summary["artifacts"]["summary"]),
+               "report_path": record_path(cfg, summary["artifacts"]["report"]), "classes": summary["classes"],
                "train_classes": summary.get("train_classes"),
                **{k: summary.get(k) for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n_test")},
                "zeroshot_accuracy": (summary.get("zeroshot") or {}).get("accuracy")}
         atomic_write_json(plan.path, rec)
-        return rec
+        return _transfer_record(cfg, plan.path, plan.key)
 
-    rec, cached = once(cfg, plan, refresh, lambda: _transfer_record(plan.path, plan.key), build)
+    rec, cached = once(cfg, plan, refresh, lambda: _transfer_record(cfg, plan.path, plan.key), build)
     info = {k: v for k, v in rec.items() if k != "key"}
     return StageResult(stage="transfer", path=Path(rec["summary_path"]), key=plan.key, cached=cached,
                        seconds=_elapsed(t0), info=info)
@@ -152,15 +160,30 @@ def plan_aggregate(cfg: Config, cells: Sequence[Mapping[str, Any]]) -> StagePlan
     study = cfg.study.model_dump(mode="json", include=_TABLE_FIELDS)
     key = content_key("study", STUDY_VERSION, study, sorted((_cell_identity(c) for c in cells), key=json.dumps))
     record = study_dir(cfg, key) / "study.json"
-    return StagePlan("aggregate", key, record, lambda: _read_json(record).get("key") == key)
+    return StagePlan("aggregate", key, record, lambda: _aggregate_record(cfg, record).get("key") == key)
 
 
-def _cell_row(cell: Mapping[str, Any]) -> dict[str, Any]:
+#: The files an aggregate record names (stored relative to the project folder).
+_AGGREGATE_FILES = ("table_md", "table_json", "table_parquet", "plot", "report")
+
+
+def _aggregate_record(cfg: Config, record: Path) -> dict[str, Any]:
+    rec = read_record(record)
+    for name in _AGGREGATE_FILES:
+        path = recorded_path(cfg, rec[name])
+        if not path.is_file():
+            raise ArtifactError(f"{record} names {path}, which is gone")
+        rec[name] = str(path)
+    return rec
+
+
+def _cell_row(cfg: Config, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell as the table lists it (its summary's path relative to the project folder, as records are)."""
     result: StageResult = cell["result"]
     return {k: cell[k] for k in ("variant", "seed", "setting", "shots", "evaluation")} | {
         "accuracy": result.info.get("accuracy"), "mean_class_accuracy": result.info.get("mean_class_accuracy"),
         "macro_f1": result.info.get("macro_f1"), "zeroshot_accuracy": result.info.get("zeroshot_accuracy"),
-        "summary": str(result.path), "evaluation_key": result.key}
+        "summary": record_path(cfg, result.path), "evaluation_key": result.key}
 
 
 def stage_aggregate(cfg: Config, cells: Sequence[Mapping[str, Any]], *, refresh: bool = False) -> StageResult:
@@ -180,7 +203,7 @@ def stage_aggregate(cfg: Config, cells: Sequence[Mapping[str, Any]], *, refresh:
     folder = plan.path.parent
 
     def build() -> dict[str, Any]:
-        rows_in = [_cell_row(c) for c in cells]
+        rows_in = [_cell_row(cfg, c) for c in cells]
         rows = summarize_cells(rows_in, cfg.study.confidence, cfg.study.variants)
         folder.mkdir(parents=True, exist_ok=True)
         title = report.title(cfg)
@@ -194,11 +217,11 @@ def stage_aggregate(cfg: Config, cells: Sequence[Mapping[str, Any]], *, refresh:
         }
         files["report"] = atomic_write_text(folder / "report.md", report.render(cfg, rows, rows_in, files))
         rec = {"key": plan.key, "protocol": cfg.study.protocol, "n_cells": len(rows_in), "n_rows": len(rows),
-               **{k: str(v) for k, v in files.items()}}
+               **{k: record_path(cfg, v) for k, v in files.items()}}
         atomic_write_json(plan.path, rec)
-        return rec
+        return _aggregate_record(cfg, plan.path)
 
-    rec, cached = once(cfg, plan, refresh, lambda: _read_json(plan.path), build)
+    rec, cached = once(cfg, plan, refresh, lambda: _aggregate_record(cfg, plan.path), build)
     return StageResult(stage="aggregate", path=folder, key=plan.key, cached=cached, seconds=_elapsed(t0),
                        info={k: v for k, v in rec.items() if k != "key"})
 
