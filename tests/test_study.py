@@ -19,12 +19,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import PrefectServer, tiny_config  # noqa: E402
+from flows_fixtures import TINY_OVERRIDES, PrefectServer, tiny_config  # noqa: E402
 
 from mpafer import pipeline as P  # noqa: E402
 from mpafer.cli import main  # noqa: E402
 from mpafer.data.manifest import load_manifest  # noqa: E402
-from mpafer.errors import ConfigError, DataError  # noqa: E402
+from mpafer.errors import EXIT_FILES, ConfigError, DataError  # noqa: E402
 from mpafer.study import run_study  # noqa: E402
 from mpafer.study.derive import ClassSubset, FewShot, base_novel_split, derive_manifest  # noqa: E402
 from mpafer.study.design import Ref, study_steps  # noqa: E402
@@ -157,6 +157,13 @@ def test_a_variant_the_clip_cannot_take_is_refused_before_any_work(runner: list[
     assert not (tmp_path / "manifests").exists() and not (tmp_path / "runs").exists(), "refused before any work"
 
 
+def test_out_on_a_file_is_refused_before_the_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").write_text("x")
+    code = main(["study", "--config", "demo", "--out", str(tmp_path / "taken"),
+                 "--set", f"pipeline.project_dir={tmp_path / 'proj'}", "--no-prefect"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_FILES and len(err) == 1 and "is a file" in err[0], err
+    assert not (tmp_path / "proj").exists()
 
 
 # ------------------------------------------------------------------------------------------ the runners
@@ -179,6 +186,16 @@ def test_plain_runner_reruns_nothing_and_a_new_seed_runs_only_that_seed(tmp_path
     report = Path(more["report_path"]).read_text()
     assert "95 % interval" in report and "accuracy_vs_shots.png" in report
 
+    # the command line on the same study: all cached, and --out gets the tables to paste, the plot, the report
+    sets = [x for o in (*TINY_OVERRIDES, "study.variants=[coop,mpa]", "study.seeds=[1,2]", "train.warmup_epochs=0",
+                        "study.protocol=fewshot", "study.shots=[2]", f"pipeline.project_dir={project}")
+            for x in ("--set", o)]
+    assert main(["study", "--config", "demo", *sets, "--out", str(tmp_path / "out"), "--no-prefect"]) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_shots.png", "report.md", "table.json", "table.md",
+                                                      "table.parquet"]
+    assert (out / "table.md").read_text() == Path(more["table_path"]).read_text()
+    assert "](accuracy_vs_shots.png)" in (out / "report.md").read_text(), "the report's plot link works there"
 
 
 def test_a_study_cell_is_the_pipelines_run(tmp_path: Path) -> None:

@@ -196,6 +196,8 @@ def study(
         "--variants", help="Comma-separated model.variant values, the table's rows (study.variants).")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (study.seeds).")] = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Few-shot: comma-separated shots (study.shots).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Also copy table.md/.json/.parquet, the plot and report.md into this folder.")] = None,
     refresh: _REFRESH = None,
     verbose: _VERBOSE = False,
     no_prefect: _NO_PREFECT = False,
@@ -210,6 +212,10 @@ def study(
     overrides = [*(sets or []), *([f"study.protocol={protocol}"] if protocol is not None else []),
                  *_list_option("variants", variants), *_list_option("seeds", seeds), *_list_option("shots", shots)]
     cfg = config_from_options(config, overrides)
+    from mpafer.study.runner import check_out_dir, copy_outputs
+
+    if out_dir is not None:
+        check_out_dir(out_dir)  # before the study, not after it
     summary = _run(cfg, verbose, no_prefect, refresh, study=True)
     table = Path(summary["table_path"]).read_text(encoding="utf-8").split("\n\n")[0]
     out.print(table, markup=False, highlight=False, soft_wrap=True)
@@ -217,6 +223,10 @@ def study(
         out.print(f"{label + ':':<9} {summary[key]}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"steps:    computed {len(summary['executed'])}, cached {len(summary['cached'])} of {summary['n_steps']} "
               f"({summary['total_seconds']} s)", highlight=False, soft_wrap=True)
+    if out_dir is not None:
+        copied = copy_outputs(summary, out_dir)
+        out.print(f"copied:   {', '.join(p.name for p in copied)} to {out_dir}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("serve-deployments")

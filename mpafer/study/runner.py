@@ -5,12 +5,15 @@ same graph as tasks)."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from mpafer.artifacts import atomic_write_json
+from mpafer.artifacts import atomic_write_bytes, atomic_write_json
 from mpafer.config import Config
+from mpafer.errors import FileSystemError, file_system_error
 from mpafer.pipeline import (
     STAGES,
     StageResult,
@@ -23,7 +26,7 @@ from mpafer.pipeline import (
 from mpafer.pipeline import stage_of as pipeline_stage
 from mpafer.study.design import Step, check_manifests, check_study, manifest_steps, resolve, study_steps
 
-__all__ = ["run_study", "step_function", "study_summary"]
+__all__ = ["check_out_dir", "copy_outputs", "run_study", "step_function", "study_summary"]
 
 
 def step_function(stage: str) -> Callable[..., StageResult]:
@@ -87,3 +90,29 @@ def study_summary(cfg: Config, steps: Sequence[Step], results: Mapping[str, Stag
     atomic_write_json(out, summary)
     return summary
 
+
+#: What ``mpafer study --out DIR`` copies (the summary's keys): the table in its three forms, the plot and the
+#: report, which links the plot by its file name and so still shows it there.
+OUTPUT_FILES = ("table_path", "table_json", "table_parquet", "plot_path", "report_path")
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` created when missing; one :class:`FileSystemError` line when it cannot be (a file there, no
+    permission), so a bad ``--out`` fails before the study and not after it."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise FileSystemError(f"--out {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_system_error(exc, folder) or FileSystemError(
+            f"cannot create --out folder {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def copy_outputs(summary: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Copy the study's table, plot and report (:data:`OUTPUT_FILES`) into ``out_dir``, each written atomically
+    under its own name; the copies it wrote."""
+    folder = check_out_dir(out_dir)
+    return [atomic_write_bytes(folder / Path(summary[key]).name, Path(summary[key]).read_bytes())
+            for key in OUTPUT_FILES]
