@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import tiny_config  # noqa: E402
+from flows_fixtures import TINY_STAGES, tiny_config  # noqa: E402
 from reliability_fixtures import FAULTS  # noqa: E402
 from test_property_inputs import run_cli  # noqa: E402
 
@@ -255,7 +255,7 @@ def test_full_disk_under_run_is_one_line_naming_the_artifact_and_the_rerun_recov
     project = tmp_path / "proj"
     argv = ["run", "--no-prefect", "--config", "demo", *_sets(tiny_config(project))]
     spy = StageSpy().install(monkeypatch)
-    stages = list(P.STAGES)
+    stages = list(TINY_STAGES)
     previous: str | None = "manifest"
     for kind, pattern, stage, label in ENOSPC_FAULTS:
         fault = Fault(kind, pattern, stage, label, error=_enospc)
@@ -348,7 +348,7 @@ def test_a_copied_project_trusts_only_its_own_files(tmp_path: Path) -> None:
     faces = _external_faces(tmp_path)
     original, copy = tmp_path / "original", tmp_path / "copy"
     first = P.run_pipeline(tiny_config(original, f"data.root={faces}"))
-    assert first["executed"] == list(P.STAGES)
+    assert first["executed"] == list(TINY_STAGES)
     for record in [*original.glob("data_manifests/index-*.json"), *original.glob("descriptions/describe-*.json"),
                    *original.glob("runs/*/evaluate-*.json")]:
         text = record.read_text()

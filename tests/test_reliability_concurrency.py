@@ -26,9 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.register_assert_rewrite("flows_fixtures")
-from flows_fixtures import tiny_config  # noqa: E402
-
-from mpafer.pipeline import STAGES  # noqa: E402
+from flows_fixtures import TINY_STAGES, tiny_config  # noqa: E402
 
 TESTS = Path(__file__).parent
 
@@ -98,10 +96,10 @@ def test_two_simultaneous_pipelines_write_each_artifact_once(tmp_path: Path) -> 
     for field in ("accuracy", "mean_class_accuracy", "summary_path", "report_path", "run_dir", "figures"):
         assert a[field] == b[field], field
     assert {s: v["key"] for s, v in a["stages"].items()} == {s: v["key"] for s, v in b["stages"].items()}
-    for stage in STAGES:
+    for stage in TINY_STAGES:
         computed_by = [x for x in (a, b) if not x["stages"][stage]["cached"]]
         assert len(computed_by) == 1, f"{stage} computed by {len(computed_by)} runs"
-    assert sorted(a["executed"] + b["executed"]) == sorted(STAGES)
+    assert sorted(a["executed"] + b["executed"]) == sorted(TINY_STAGES)
     assert a["pipeline_summary_path"] != b["pipeline_summary_path"], "each run records itself"
 
     writes = [line.split("\t", 1) for line in counter.read_text(encoding="utf-8").splitlines()]
