@@ -185,6 +185,7 @@ def test_plain_runner_reruns_nothing_and_a_new_seed_runs_only_that_seed(tmp_path
     assert Path(more["plot_path"]).name == "accuracy_vs_shots.png" and Path(more["plot_path"]).is_file()
     report = Path(more["report_path"]).read_text()
     assert "95 % interval" in report and "accuracy_vs_shots.png" in report
+    assert str(project) not in report, "paths relative to the project folder: the report is quoted elsewhere"
 
     # the command line on the same study: all cached, and --out gets the tables to paste, the plot, the report
     sets = [x for o in (*TINY_OVERRIDES, "study.variants=[coop,mpa]", "study.seeds=[1,2]", "train.warmup_epochs=0",

@@ -29,6 +29,14 @@ def title(cfg: Config) -> str:
     return f"{names[cfg.study.protocol]} study on {cfg.data.dataset} ({cfg.clip.model}/{cfg.clip.pretrained})"
 
 
+def _root(cfg: Config) -> str:
+    """The dataset's folder as the records name it: relative to the project folder when inside it (the demo's
+    generated faces), so a report quoted elsewhere names no folder of this machine."""
+    from mpafer.pipeline import record_path
+
+    return "none" if cfg.data.root is None else record_path(cfg, cfg.data.root)
+
+
 def _pct(v: Any) -> str:
     return "–" if v is None else f"{100 * float(v):.1f}"
 
@@ -46,7 +54,7 @@ def render(cfg: Config, rows: Sequence[Row], cells: Sequence[Mapping[str, Any]],
         "",
         "| field | value |",
         "|---|---|",
-        f"| dataset | {cfg.data.dataset} (root {cfg.data.root}) |",
+        f"| dataset | {cfg.data.dataset} (root {_root(cfg)}) |",
         f"| CLIP | {cfg.clip.model} / {cfg.clip.pretrained} ({cfg.clip.precision}) |",
         f"| training | {tr.epochs} epochs, batch {tr.batch_size}, lr {tr.lr}, augmentation "
         f"{'on' if tr.augment else 'off'}; frozen image features {tr.frozen_features} "
