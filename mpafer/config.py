@@ -230,11 +230,29 @@ class ModelConfig(_Model):
     # CGLA
     local_features: Literal["tokens", "vv"] = "tokens"
     topk: int = Field(16, ge=1)
-    # losses
+    # losses (docs/METHOD.md §3; the readings and their evidence: docs/METHOD_DEVIATIONS.md)
     tau_align: float = Field(0.07, gt=0)
-    prompt_align: Literal["l1", "contrastive"] = "l1"
+    #: Token vectors of L_ta: ``input`` = token embeddings before the positional embedding (paper-literal);
+    #: ``output`` = the frozen text encoder's token outputs after ``ln_final``.
+    align_tokens: Literal["input", "output"] = "input"
+    #: Soft-prompt positions L_ta pools: ``prompt`` = every token between SOS and EOS (context, class name,
+    #: period); ``context`` = the context vectors only (needs ``class_specific_ctx``: a shared context would
+    #: give every class the same vector). Hard prompts always pool their whole text.
+    align_pool: Literal["prompt", "context"] = "prompt"
+    #: L2-normalise every token vector before pooling (both sides of L_ta).
+    align_token_norm: bool = False
+    #: L_pa's form: ``l1`` (paper reading), ``cosine`` (1 - cos) or ``contrastive`` (the L_ta form on
+    #: encoder outputs).
+    prompt_align: Literal["l1", "cosine", "contrastive"] = "l1"
+    #: Reduction of the ``l1`` L_pa over the D feature dimensions: ``sum`` (paper reading) or ``mean``.
+    pa_reduction: Literal["sum", "mean"] = "sum"
     proto_metric: Literal["cosine", "l1"] = "cosine"
+    #: Weight of L_t = ta_weight L_ta + pa_weight L_pa in the total (docs/METHOD.md's β).
     beta: float = Field(1.0, ge=0)
+    #: Weight of L_ta inside L_t (with SGD, the same as a separate learning rate for the term).
+    ta_weight: float = Field(1.0, ge=0)
+    #: Weight of L_pa inside L_t.
+    pa_weight: float = Field(1.0, ge=0)
     gamma: float = Field(1.0, ge=0)
     #: Classification temperature; ``None`` = 1 / CLIP's frozen logit scale.
     tau_cls: float | None = Field(None, gt=0)
@@ -250,6 +268,15 @@ class ModelConfig(_Model):
         if len(set(v)) != len(v):
             raise ValueError("granularities must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _context_pool_needs_class_context(self) -> ModelConfig:
+        if self.align_pool == "context" and not self.class_specific_ctx:
+            raise ValueError(
+                "align_pool=context needs class_specific_ctx=true (a shared context gives every class the "
+                "same vector, so L_ta could not tell the classes apart)"
+            )
+        return self
 
     # Components implied by the variant -------------------------------------------------------------
     @property

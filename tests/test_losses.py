@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpafer.model.losses import (
     anchor_contrastive,
     loss_pa_contrastive,
+    loss_pa_cosine,
     loss_pa_l1,
     loss_ta,
     loss_v,
@@ -83,6 +86,39 @@ def test_loss_pa_l1_by_hand() -> None:
     feats = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     targets = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
     _close(loss_pa_l1(feats, targets), (1.2 + 0.0) / 2)
+    _close(loss_pa_l1(feats, targets, "sum"), (1.2 + 0.0) / 2)
+    # mean over D = 2: (1.2 / 2 + 0) / 2
+    _close(loss_pa_l1(feats, targets, "mean"), (0.6 + 0.0) / 2)
+    with pytest.raises(ValueError):
+        loss_pa_l1(feats, targets, "max")  # type: ignore[arg-type]
+
+
+def test_loss_pa_cosine_by_hand() -> None:
+    # Class 0: cos((1, 0), (0.6, 0.8)) = 0.6 -> 0.4; class 1: (0, 2) vs (0, 1) -> 0
+    feats = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    targets = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    _close(loss_pa_cosine(feats, targets), (0.4 + 0.0) / 2)
+
+
+def test_loss_pa_gradient_sizes_near_the_optimum() -> None:
+    """Sum-L1's gradient keeps its size as the features approach the target; cosine's vanishes."""
+    d = 512
+    gen = torch.Generator().manual_seed(0)
+    target = F.normalize(torch.randn(1, d, generator=gen), dim=-1)
+    noise = torch.randn(1, d, generator=gen)
+    noise = F.normalize(noise - (noise @ target.t()) * target, dim=-1)
+
+    def grad_norm(fn: Any, cos: float) -> float:
+        x = (cos * target + math.sqrt(1 - cos**2) * noise).requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(x, target), x)
+        return float(g.norm())
+
+    l1_far, l1_near = grad_norm(loss_pa_l1, 0.8), grad_norm(loss_pa_l1, 0.99)
+    assert l1_near > 0.7 * l1_far and l1_far > 10  # ~sqrt(D) sized, not shrinking
+    mean_far = grad_norm(lambda a, b: loss_pa_l1(a, b, "mean"), 0.8)
+    assert mean_far == pytest.approx(l1_far / d, rel=1e-4)
+    cos_far, cos_near = grad_norm(loss_pa_cosine, 0.8), grad_norm(loss_pa_cosine, 0.99)
+    assert cos_near < 0.25 * cos_far  # sin(angle): 0.6 -> 0.14
 
 
 def test_loss_pa_contrastive_is_the_ta_form_on_features() -> None:
@@ -120,11 +156,13 @@ def test_loss_vt_by_hand() -> None:
 
 
 def test_total_loss_by_hand() -> None:
-    vt, ta, pa, v = (torch.tensor(x) for x in (1.0, 0.5, 0.25, 2.0))
-    # 1 + 0.5 * (0.5 + 0.25) + 0.1 * 2 = 1.575
-    _close(total_loss(vt, ta, pa, v, beta=0.5, gamma=0.1), 1.575)
-    _close(total_loss(vt), 1.0)
-    _close(total_loss(vt, v=v, gamma=1.0), 3.0)
+    parts = {k: torch.tensor(x) for k, x in {"vt": 1.0, "ta": 0.5, "pa": 0.25, "v": 2.0}.items()}
+    # 1 + 0.5 * 0.5 + 0.05 * 0.25 + 0.1 * 2 = 1.4625
+    _close(total_loss(parts, {"vt": 1.0, "ta": 0.5, "pa": 0.05, "v": 0.1}), 1.4625)
+    _close(total_loss(parts, {"vt": 1.0}), 1.0)  # unweighted parts are left out
+    _close(total_loss(parts, {"vt": 1.0, "v": 1.0}), 3.0)
+    with pytest.raises(KeyError):
+        total_loss({"vt": parts["vt"]}, {"vt": 1.0, "ta": 1.0})
 
 
 def test_losses_compute_in_fp32_for_bf16_inputs() -> None:

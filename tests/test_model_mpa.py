@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from model_fixtures import StandInTargets, frozen_open_clip
+from model_fixtures import StandInBackbone, StandInTargets, frozen_open_clip, hard_prompt_targets
 
 from mpafer.config import ModelConfig
 from mpafer.errors import ArtifactError, ConfigError
@@ -32,42 +31,6 @@ TEXT = "text.learner.ctx"
 IMAGE = "image.prompts"
 
 
-@dataclass
-class StandInBackbone:
-    """Duck-typed stand-in for mpafer.clip's Backbone."""
-
-    model: Any
-    tokenizer: Any
-    image_size: int = 32
-    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    token_width: int = 32
-    embed_dim: int = 32
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    context_length: int = 77
-
-
-def _targets(model: Any, tok: Any) -> StandInTargets:
-    texts, labels = [], []
-    for c, name in enumerate(CLASSES):
-        texts.append(f"a photo of {name}.")
-        texts.append(f"a photo of a person making a facial expression of {name}.")
-        texts += [f"a photo of a person making a facial expression of {name}, {d}." for d in DESCRIPTIONS]
-        labels += [c] * (2 + len(DESCRIPTIONS))
-    ids = tok(texts)
-    with torch.no_grad():
-        feats = model.encode_text(ids, normalize=True)
-        emb = model.token_embedding(ids)
-    eos = ids.argmax(dim=-1)
-    means = torch.stack([emb[i, 1 : int(eos[i])].mean(dim=0) for i in range(len(texts))])
-    lab = torch.tensor(labels)
-    fine = torch.tensor([i % 4 >= 2 for i in range(len(texts))])
-    class_targets = torch.stack(
-        [F.normalize(feats[(lab == c) & fine].mean(dim=0), dim=-1) for c in range(len(CLASSES))]
-    )
-    return StandInTargets(class_targets, feats, lab, means)
-
-
 @pytest.fixture(scope="module")
 def env() -> dict[str, Any]:
     model, tok = frozen_open_clip("mpafer-tiny")
@@ -77,7 +40,7 @@ def env() -> dict[str, Any]:
         protos = torch.stack([model.encode_image(x, normalize=True).mean(0) for x in proto_images])
     return {
         "backbone": StandInBackbone(model, tok),
-        "targets": _targets(model, tok),
+        "targets": hard_prompt_targets(model, tok, CLASSES, DESCRIPTIONS),
         "prototypes": F.normalize(protos, dim=-1),
         "images": torch.randn(5, 3, 32, 32, generator=gen),
         "labels": torch.tensor([0, 1, 2, 3, 1]),
@@ -233,7 +196,7 @@ def test_contrastive_prompt_alignment_and_l1_prototype_metric(env: dict[str, Any
 def test_alignment_loss_needs_the_training_forward(env: dict[str, Any]) -> None:
     model = _build(env, variant="mpa", n_ctx=2, n_visual_tokens=2)
     out = model(env["images"], text_features=model.class_text_features())
-    with pytest.raises(RuntimeError, match="token means"):
+    with pytest.raises(RuntimeError, match="token vectors"):
         model.loss(out, env["labels"])
 
 

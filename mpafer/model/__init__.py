@@ -3,13 +3,14 @@
 - :class:`MPAFER` / :class:`MPAOutput` (``mpa.py``): the module the training code builds from a config.
 - :class:`PromptedTextEncoder`, :class:`CoOpPromptLearner`, :class:`FrozenTextEncoder` (``text_prompts.py``).
 - :class:`PromptedImageEncoder` (``visual_prompts.py``): VPT-deep prompts, global and local features.
-- ``losses``: ``loss_ta``, ``loss_pa_l1``, ``loss_pa_contrastive``, ``loss_v``, ``loss_vt``, ``total_loss``.
+- ``losses``: ``loss_ta``, ``loss_pa_l1``, ``loss_pa_cosine``, ``loss_pa_contrastive``, ``loss_v``, ``loss_vt``, ``total_loss``.
 """
 
 from __future__ import annotations
 
 from mpafer.model.losses import (
     loss_pa_contrastive,
+    loss_pa_cosine,
     loss_pa_l1,
     loss_ta,
     loss_v,
@@ -30,6 +31,7 @@ __all__ = [
     "PromptedImageEncoder",
     "loss_ta",
     "loss_pa_l1",
+    "loss_pa_cosine",
     "loss_pa_contrastive",
     "loss_v",
     "loss_vt",

@@ -10,6 +10,7 @@ width of the text token embedding.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "anchor_contrastive",
     "loss_ta",
     "loss_pa_l1",
+    "loss_pa_cosine",
     "loss_pa_contrastive",
     "loss_v",
     "loss_vt",
@@ -65,31 +67,59 @@ def anchor_contrastive(soft: Tensor, anchors: Tensor, anchor_labels: Tensor, tau
     return torch.where(present, per_class_mean, torch.zeros_like(per_class_mean)).sum() / n_present
 
 
-def loss_ta(
-    soft_token_means: Tensor, hard_token_means: Tensor, hard_labels: Tensor, tau: float = 0.07
-) -> Tensor:
-    """Token-level soft-hard alignment ``L_ta`` (docs/METHOD.md §3).
+def loss_ta(soft_vectors: Tensor, hard_vectors: Tensor, hard_labels: Tensor, tau: float = 0.07) -> Tensor:
+    """Token-level soft-hard alignment ``L_ta`` (docs/METHOD.md §3, docs/METHOD_DEVIATIONS.md).
 
     ``P(y_d | t_d) = exp(sim(t_d, t_d*)/tau) / sum_c exp(sim(t_c, t_d*)/tau)`` with ``t_c`` the
-    token-level mean of class c's soft prompt (context vectors + class-name tokens + '.', i.e. every
-    token strictly between SOS and EOS, after ``token_embedding`` and before the positional embedding)
-    and ``t_d*`` the same mean for a hard prompt of class d. Every hard prompt is an anchor; ``-log P``
-    is averaged over the anchors of each class, then over the classes (see :func:`anchor_contrastive`).
+    token-level vector of class c's soft prompt and ``t_d*`` the same vector for a hard prompt of class d.
+    Every hard prompt is an anchor; ``-log P`` is averaged over the anchors of each class, then over the
+    classes (see :func:`anchor_contrastive`). Its no-information value is ``ln C`` (all ``t_c`` equally
+    similar to every anchor).
+
+    Which token vectors (``model.align_tokens``, ``align_pool``, ``align_token_norm``) is decided by the
+    text prompt learner (:class:`~mpafer.model.text_prompts.PromptedTextEncoder`): the paper-literal
+    reading is the mean of the token embeddings strictly between SOS and EOS, before the positional
+    embedding. This function only needs both sides built by the same rule.
 
     Args:
-        soft_token_means: ``[C, W]``.
-        hard_token_means: ``[N, W]``.
+        soft_vectors: ``[C, W]``.
+        hard_vectors: ``[N, W]``.
         hard_labels: ``[N]`` long.
         tau: temperature, docs/METHOD.md default 0.07.
     """
-    return anchor_contrastive(soft_token_means, hard_token_means, hard_labels, tau)
+    return anchor_contrastive(soft_vectors, hard_vectors, hard_labels, tau)
 
 
-def loss_pa_l1(text_feats: Tensor, class_targets: Tensor) -> Tensor:
+def loss_pa_l1(text_feats: Tensor, class_targets: Tensor, reduction: Literal["sum", "mean"] = "sum") -> Tensor:
     """Prompt-level soft-hard alignment ``L_pa``, L1 form (docs/METHOD.md §3).
 
-    ``L_pa = (1/C) sum_c || norm θ(t_c) - norm θ(t_c*) ||_1`` where the L1 norm sums over the D feature
-    dimensions and ``θ(t_c*)`` is the class target (mean of the class's hard-prompt features).
+    ``L_pa = (1/C) sum_c || norm θ(t_c) - norm θ(t_c*) ||_1`` where the L1 norm sums (``reduction="sum"``,
+    the paper-literal reading) or averages (``"mean"``) over the D feature dimensions, and ``θ(t_c*)`` is
+    the class target (mean of the class's hard-prompt features). The sum grows like ``sqrt(D)`` for a
+    given angle and its gradient does not shrink near the optimum (each coordinate contributes
+    ``sign(a - b)``); ``mean`` divides both by D, so a weight chosen on one CLIP carries to another.
+
+    Args:
+        text_feats: ``[C, D]`` soft-prompt class features θ(t_c).
+        class_targets: ``[C, D]`` hard-prompt class targets θ(t_c*).
+        reduction: ``sum`` or ``mean`` over D.
+    """
+    a = F.normalize(_f32(text_feats), dim=-1)
+    b = F.normalize(_f32(class_targets), dim=-1)
+    diff = (a - b).abs()
+    if reduction == "sum":
+        return diff.sum(dim=-1).mean()
+    if reduction == "mean":
+        return diff.mean()
+    raise ValueError(f"unknown reduction {reduction!r}; expected 'sum' or 'mean'")
+
+
+def loss_pa_cosine(text_feats: Tensor, class_targets: Tensor) -> Tensor:
+    """Prompt-level soft-hard alignment ``L_pa``, cosine form (``prompt_align: cosine``).
+
+    ``L_pa = (1/C) sum_c (1 - cos(θ(t_c), θ(t_c*)))``: the same anchoring as the L1 form, but its gradient
+    vanishes at the optimum and its scale does not depend on D (KgCoOp's ``||w - w*||^2`` on unit vectors
+    is twice this).
 
     Args:
         text_feats: ``[C, D]`` soft-prompt class features θ(t_c).
@@ -97,7 +127,7 @@ def loss_pa_l1(text_feats: Tensor, class_targets: Tensor) -> Tensor:
     """
     a = F.normalize(_f32(text_feats), dim=-1)
     b = F.normalize(_f32(class_targets), dim=-1)
-    return (a - b).abs().sum(dim=-1).mean()
+    return (1.0 - (a * b).sum(dim=-1)).mean()
 
 
 def loss_pa_contrastive(
@@ -140,20 +170,15 @@ def loss_vt(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(_f32(logits), labels)
 
 
-def total_loss(
-    vt: Tensor,
-    ta: Tensor | None = None,
-    pa: Tensor | None = None,
-    v: Tensor | None = None,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-) -> Tensor:
-    """``L = L_vt + beta (L_ta + L_pa) + gamma L_v`` (docs/METHOD.md §3); a part given as ``None`` counts as 0."""
-    total = vt
-    if ta is not None:
-        total = total + beta * ta
-    if pa is not None:
-        total = total + beta * pa
-    if v is not None:
-        total = total + gamma * v
+def total_loss(parts: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """``L = sum_k weights[k] * parts[k]`` over the parts that have a weight (docs/METHOD.md §3:
+    ``L_vt + beta (L_ta + L_pa) + gamma L_v`` with the paper's weights).
+
+    Raises:
+        KeyError: a weighted part is missing, or ``weights`` has no ``vt``.
+    """
+    total = weights["vt"] * parts["vt"]
+    for name, weight in weights.items():
+        if name != "vt":
+            total = total + weight * parts[name]
     return total

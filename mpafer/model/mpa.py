@@ -58,8 +58,8 @@ class MPAOutput:
         logits: ``[B, C]`` = ``s / tau_cls`` (float32).
         global_features: ``[B, D]`` normalised z^g (float32).
         text_features: ``[C, D]`` normalised θ(t_c) used for the scores (float32).
-        aux: ``s_global`` ``[B, C]``; ``s_local`` ``[B, C]`` with CGLA; ``soft_token_means`` ``[C, W]``
-            when the text prompts were run in this forward (needed by ``L_ta``).
+        aux: ``s_global`` ``[B, C]``; ``s_local`` ``[B, C]`` with CGLA; ``soft_token_vectors`` ``[C, W]``
+            (the soft side of ``L_ta``) when the text prompts were run in this forward.
     """
 
     logits: Tensor
@@ -165,6 +165,9 @@ class MPAFER(nn.Module):
                 class_specific=cfg.class_specific_ctx,
                 ctx_init=cfg.ctx_init,
                 ctx_std=cfg.ctx_std,
+                align_tokens=cfg.align_tokens,
+                align_pool=cfg.align_pool,
+                align_token_norm=cfg.align_token_norm,
             )
         # Image side ---------------------------------------------------------------------------------
         self.image = PromptedImageEncoder(
@@ -190,7 +193,7 @@ class MPAFER(nn.Module):
         # Frozen targets and prototypes ------------------------------------------------------------
         embed_dim = int(getattr(backbone, "embed_dim", 0) or self._probe_embed_dim(model))
         needs_class_targets = (not self.use_text_prompts) or (
-            self.use_alignment_loss and cfg.prompt_align == "l1"
+            self.use_alignment_loss and cfg.prompt_align in ("l1", "cosine")
         )
         needs_alignment = self.use_alignment_loss
         if (needs_class_targets or needs_alignment) and targets is None:
@@ -203,9 +206,9 @@ class MPAFER(nn.Module):
         self.register_buffer("class_targets", None, persistent=False)
         self.register_buffer("prompt_features", None, persistent=False)
         self.register_buffer("prompt_labels", None, persistent=False)
-        self.register_buffer("hard_token_means", None, persistent=False)
+        self.register_buffer("hard_token_vectors", None, persistent=False)
         if targets is not None:
-            self._set_targets(targets, embed_dim, device, needs_alignment)
+            self._set_targets(targets, embed_dim, device, needs_alignment, _tokenize_fn(backbone))
         self.register_buffer("prototypes", None, persistent=False)
         if self.use_prototype_loss:
             if prototypes is None:
@@ -228,7 +231,8 @@ class MPAFER(nn.Module):
             return int(proj.shape[-1])
         return int(model.visual.output_dim)
 
-    def _set_targets(self, targets: Any, embed_dim: int, device: torch.device, needs_alignment: bool) -> None:
+    def _set_targets(self, targets: Any, embed_dim: int, device: torch.device, needs_alignment: bool,
+                     tokenize: Callable[[list[str]], Tensor]) -> None:
         ct = torch.as_tensor(targets.class_targets).detach().to(device=device, dtype=torch.float32)
         if ct.shape != (self.n_classes, embed_dim):
             raise ArtifactError(
@@ -258,7 +262,34 @@ class MPAFER(nn.Module):
             )
         self.prompt_features = F.normalize(pf, dim=-1)
         self.prompt_labels = labels
-        self.hard_token_means = tm
+        self.hard_token_vectors = self._hard_token_vectors(targets, tm, tokenize)
+
+    def _hard_token_vectors(self, targets: Any, token_means: Tensor, tokenize: Callable[[list[str]], Tensor]) -> Tensor:
+        """The hard side of ``L_ta`` ``[N, W]``, by the same rule as the soft side (``model.align_*``).
+
+        The paper-literal reading (input token embeddings, no per-token normalisation) is the stored
+        ``token_means``; any other reading is computed here once from the hard prompts' texts with the
+        frozen text tower, and the recomputed EOS features must match the stored ``prompt_features``
+        (the texts and features belong to this CLIP).
+        """
+        assert self.text is not None  # the alignment loss needs text prompts (ModelConfig.use_alignment_loss)
+        if self.cfg.align_tokens == "input" and not self.cfg.align_token_norm:
+            return token_means
+        texts = getattr(targets, "texts", None)
+        if texts is None or len(texts) != token_means.shape[0]:
+            raise ArtifactError(
+                f"model.align_tokens={self.cfg.align_tokens} / align_token_norm={self.cfg.align_token_norm} "
+                "needs the hard prompts' texts in the text targets (one per hard prompt)"
+            )
+        ids = tokenize([str(t) for t in texts]).to(token_means.device)
+        vectors, features = self.text.hard_token_vectors(ids)
+        agreement = (features * self.prompt_features).sum(dim=-1)
+        if bool((agreement < 0.99).any()):
+            raise ArtifactError(
+                "the hard prompts' texts do not reproduce their stored features with this CLIP "
+                f"(lowest cosine {float(agreement.min()):.3f}); rebuild the text features"
+            )
+        return vectors.to(torch.float32)
 
     # ------------------------------------------------------------------------------------ forward
     def _text(self) -> tuple[Tensor, Tensor | None]:
@@ -298,9 +329,9 @@ class MPAFER(nn.Module):
         """
         aux: dict[str, Tensor] = {}
         if text_features is None:
-            text_features, token_means = self._text()
-            if token_means is not None:
-                aux["soft_token_means"] = token_means
+            text_features, token_vectors = self._text()
+            if token_vectors is not None:
+                aux["soft_token_vectors"] = token_vectors
         with torch.autocast(device_type=global_features.device.type, enabled=False):
             t = text_features.to(torch.float32)
             global_feat = global_features.to(torch.float32)
@@ -329,36 +360,52 @@ class MPAFER(nn.Module):
             return global_feat @ t.t(), patch_class_similarities(local_feat, t)
 
     # ------------------------------------------------------------------------------------ losses
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss part in ``total`` (docs/METHOD.md §3 with the ``model.*_weight`` switches).
+
+        ``vt``: 1; ``ta``: ``beta * ta_weight``; ``pa``: ``beta * pa_weight``; ``v``: ``gamma``; only
+        the parts this variant computes.
+        """
+        cfg = self.cfg
+        weights = {"vt": 1.0}
+        if self.use_alignment_loss:
+            weights["ta"] = cfg.beta * cfg.ta_weight
+            weights["pa"] = cfg.beta * cfg.pa_weight
+        if self.use_prototype_loss:
+            weights["v"] = cfg.gamma
+        return weights
+
     def loss(self, out: MPAOutput, labels: Tensor) -> dict[str, Tensor]:
         """The training loss and its parts (docs/METHOD.md §3).
 
         Returns:
             ``total`` and ``vt`` always; ``ta`` and ``pa`` with the alignment loss; ``v`` with the
-            prototype loss. ``total = vt + beta (ta + pa) + gamma v``.
+            prototype loss. The parts are unweighted; ``total`` is their sum weighted by
+            :meth:`loss_weights`: ``vt + beta (ta_weight ta + pa_weight pa) + gamma v``.
         """
         cfg = self.cfg
         parts: dict[str, Tensor] = {}
         with torch.autocast(device_type=out.logits.device.type, enabled=False):
             parts["vt"] = losses.loss_vt(out.logits, labels)
             if self.use_alignment_loss:
-                means = out.aux.get("soft_token_means")
-                if means is None:
+                soft = out.aux.get("soft_token_vectors")
+                if soft is None:
                     raise RuntimeError(
-                        "the alignment loss needs the soft prompts' token means: call forward() without "
+                        "the alignment loss needs the soft prompts' token vectors: call forward() without "
                         "text_features when training"
                     )
-                parts["ta"] = losses.loss_ta(means, self.hard_token_means, self.prompt_labels, cfg.tau_align)
-                if cfg.prompt_align == "l1":
-                    parts["pa"] = losses.loss_pa_l1(out.text_features, self.class_targets)
-                else:
+                parts["ta"] = losses.loss_ta(soft, self.hard_token_vectors, self.prompt_labels, cfg.tau_align)
+                if cfg.prompt_align == "contrastive":
                     parts["pa"] = losses.loss_pa_contrastive(
                         out.text_features, self.prompt_features, self.prompt_labels, cfg.tau_align
                     )
+                elif cfg.prompt_align == "cosine":
+                    parts["pa"] = losses.loss_pa_cosine(out.text_features, self.class_targets)
+                else:
+                    parts["pa"] = losses.loss_pa_l1(out.text_features, self.class_targets, cfg.pa_reduction)
             if self.use_prototype_loss:
                 parts["v"] = losses.loss_v(out.global_features, self.prototypes, labels, cfg.proto_metric)
-            parts["total"] = losses.total_loss(
-                parts["vt"], parts.get("ta"), parts.get("pa"), parts.get("v"), beta=cfg.beta, gamma=cfg.gamma
-            )
+            parts["total"] = losses.total_loss(parts, self.loss_weights())
         return parts
 
     # ------------------------------------------------------------------------------------ prompts

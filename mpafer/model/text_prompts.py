@@ -32,6 +32,8 @@ from mpafer.errors import ConfigError
 from mpafer.model.visual_prompts import fused_block, is_fusable_block
 
 __all__ = [
+    "between_sos_eos",
+    "pool_tokens",
     "TextTowerParts",
     "text_tower_parts",
     "FrozenTextEncoder",
@@ -167,6 +169,17 @@ class FrozenTextEncoder(nn.Module):
         Returns:
             ``[N, D]`` float32 features, L2-normalised when ``normalize``.
         """
+        return self.encode_with_tokens(embeddings, token_ids, normalize)[0]
+
+    def encode_with_tokens(
+        self, embeddings: Tensor, token_ids: Tensor, normalize: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` that also returns every position's output after ``ln_final``.
+
+        Returns:
+            ``([N, D] features, [N, L, W] float32 token outputs)``: the token outputs are what the EOS
+            feature is pooled from, before ``text_projection`` (the ``output`` reading of L_ta).
+        """
         cast = self.cast_dtype
         seq_len = embeddings.shape[1]
         x = embeddings.to(cast) + self.positional_embedding[:seq_len].to(cast)
@@ -177,15 +190,15 @@ class FrozenTextEncoder(nn.Module):
             if mask is not None:
                 mask = mask[:seq_len, :seq_len]
             x = self.transformer(x, attn_mask=mask)
-        x = self.ln_final(x)
-        x = text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id)
+        tokens = self.ln_final(x)
+        x = text_global_pool(tokens, token_ids, self.pool_type, eos_token_id=self.eos_id)
         proj = self.text_projection
         if isinstance(proj, nn.Module):
             x = proj(x)
         elif proj is not None:
             x = x @ proj
         x = x.to(torch.float32)
-        return F.normalize(x, dim=-1) if normalize else x
+        return (F.normalize(x, dim=-1) if normalize else x), tokens.to(torch.float32)
 
     def _fused_transformer(self, x: Tensor) -> Tensor:
         """The frozen blocks on batch-first ``x`` with causal fused attention (honours grad checkpointing)."""
@@ -214,6 +227,24 @@ def _eos_positions(token_ids: Tensor, pool_type: str, eos_id: int | None) -> Ten
     if pool_type == "eos" and eos_id is not None:
         return (token_ids == eos_id).int().argmax(dim=-1)
     return token_ids.argmax(dim=-1)
+
+
+def between_sos_eos(token_ids: Tensor, eos_pos: Tensor) -> Tensor:
+    """Float ``[N, L]`` mask of the positions strictly between SOS (position 0) and EOS."""
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+    return ((positions[None, :] >= 1) & (positions[None, :] < eos_pos[:, None])).to(torch.float32)
+
+
+def pool_tokens(tokens: Tensor, mask: Tensor, normalize_tokens: bool = False) -> Tensor:
+    """Masked mean of token vectors: ``[N, L, W]`` over the positions where ``mask`` ``[N, L]`` is 1 → ``[N, W]``.
+
+    With ``normalize_tokens`` every token vector is L2-normalised first, so that each position weighs the
+    same in the mean whatever its norm (``model.align_token_norm``).
+    """
+    if normalize_tokens:
+        tokens = F.normalize(tokens, dim=-1)
+    weights = mask.unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 class CoOpPromptLearner(nn.Module):
@@ -294,9 +325,11 @@ class CoOpPromptLearner(nn.Module):
         self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)  # SOS
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # name . EOS pad
         # Positions strictly between SOS and EOS: context vectors, class-name tokens and the period.
+        self.register_buffer("between_mask", between_sos_eos(token_ids, eos_pos), persistent=False)  # [C, L]
+        # The context vectors' positions only (align_pool: context).
         positions = torch.arange(seq_len, device=device)
-        between = (positions[None, :] >= 1) & (positions[None, :] < eos_pos[:, None])
-        self.register_buffer("between_mask", between.to(torch.float32), persistent=False)  # [C, L]
+        context = ((positions >= 1) & (positions < 1 + n_ctx)).to(torch.float32).expand(n_cls, -1)
+        self.register_buffer("context_mask", context.contiguous(), persistent=False)  # [C, L]
 
         shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
         ctx = torch.empty(shape, dtype=torch.float32, device=device)
@@ -313,22 +346,26 @@ class CoOpPromptLearner(nn.Module):
             ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
-    def token_means(self, embeddings: Tensor) -> Tensor:
-        """Token-level mean of each soft prompt ``[C, W]`` for L_ta (docs/METHOD.md §3).
-
-        Mean of ``embeddings`` over the tokens strictly between SOS and EOS: the M context vectors, the
-        class-name tokens and the period, the same set of positions over which the hard prompts'
-        ``token_means`` are taken.
-        """
-        mask = self.between_mask.unsqueeze(-1)
-        return (embeddings * mask).sum(dim=1) / mask.sum(dim=1)
-
 
 class PromptedTextEncoder(nn.Module):
-    """CoOp prompt learner + frozen text encoder: ``forward() -> (θ(t_c) [C, D], token means [C, W])``.
+    """CoOp prompt learner + frozen text encoder: ``forward() -> (θ(t_c) [C, D], token vectors [C, W])``.
 
     Class features are float32 and L2-normalised, computed for all classes in one batched pass.
     The only trainable tensor is ``learner.ctx``.
+
+    The token vectors are the soft side of ``L_ta`` (docs/METHOD.md §3, docs/METHOD_DEVIATIONS.md), one per
+    class, chosen by three switches (``model.align_*``):
+
+    - ``align_tokens``: ``input`` pools the token embeddings (context vectors and frozen token embeddings,
+      before the positional embedding; the paper-literal reading); ``output`` pools the frozen text
+      encoder's token outputs after ``ln_final`` (bounded by the LayerNorm, and through causal attention
+      the class-name and period positions depend on the context).
+    - ``align_pool``: ``prompt`` pools every token strictly between SOS and EOS (context, class name,
+      period); ``context`` pools the context positions only (with class-specific context).
+    - ``align_token_norm``: L2-normalise every token vector before pooling.
+
+    :meth:`hard_token_vectors` computes the same vectors for hard prompts (always pooled over their whole
+    text between SOS and EOS), so both sides of ``L_ta`` come from one rule.
     """
 
     def __init__(
@@ -340,15 +377,45 @@ class PromptedTextEncoder(nn.Module):
         class_specific: bool = False,
         ctx_init: str | None = None,
         ctx_std: float = 0.02,
+        align_tokens: str = "input",
+        align_pool: str = "prompt",
+        align_token_norm: bool = False,
     ) -> None:
         super().__init__()
+        if align_tokens not in ("input", "output"):
+            raise ConfigError(f"model.align_tokens must be 'input' or 'output', got {align_tokens!r}")
+        if align_pool not in ("prompt", "context"):
+            raise ConfigError(f"model.align_pool must be 'prompt' or 'context', got {align_pool!r}")
         self.encoder = FrozenTextEncoder(model)
         self.learner = CoOpPromptLearner(
             self.encoder, tokenizer, classnames, n_ctx, class_specific, ctx_init, ctx_std
         )
+        self.align_tokens = align_tokens
+        self.align_pool = align_pool
+        self.align_token_norm = bool(align_token_norm)
 
     def forward(self) -> tuple[Tensor, Tensor]:
-        """Return the normalised class features ``[C, D]`` and the soft prompts' token means ``[C, W]``."""
+        """Return the normalised class features ``[C, D]`` and the soft prompts' token vectors ``[C, W]``."""
         embeddings = self.learner()
-        features = self.encoder(embeddings, self.learner.token_ids, normalize=True)
-        return features, self.learner.token_means(embeddings)
+        if self.align_tokens == "output":
+            features, tokens = self.encoder.encode_with_tokens(embeddings, self.learner.token_ids)
+        else:
+            features, tokens = self.encoder(embeddings, self.learner.token_ids), embeddings
+        mask = self.learner.context_mask if self.align_pool == "context" else self.learner.between_mask
+        return features, pool_tokens(tokens, mask, self.align_token_norm)
+
+    @torch.no_grad()
+    def hard_token_vectors(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token vectors ``[N, W]`` of hard prompts given as token ids ``[N, L]``, by the soft side's rule.
+
+        Pooled over every real token strictly between SOS and EOS. Also returns the prompts' normalised
+        frozen features ``[N, D]`` (as :meth:`FrozenTextEncoder.encode_token_ids`), so that callers can
+        check the ids against stored features. The sequences are cut after the longest prompt's EOS
+        (causal tower: same outputs, less work).
+        """
+        eos = _eos_positions(token_ids, self.encoder.pool_type, self.encoder.eos_id)
+        token_ids = token_ids[:, : int(eos.max()) + 1]
+        embeddings = self.encoder.embed(token_ids)
+        features, outputs = self.encoder.encode_with_tokens(embeddings, token_ids)
+        tokens = outputs if self.align_tokens == "output" else embeddings
+        return pool_tokens(tokens, between_sos_eos(token_ids, eos), self.align_token_norm), features
