@@ -241,6 +241,9 @@ class ModelConfig(_Model):
     align_pool: Literal["prompt", "context"] = "prompt"
     #: L2-normalise every token vector before pooling (both sides of L_ta).
     align_token_norm: bool = False
+    #: Compare L_ta's vectors minus their mean over the classes (both sides): what all classes share
+    #: (a shared context, the hard prompts' template) cannot dominate the cosine.
+    align_centre: bool = False
     #: L_pa's form: ``l1`` (paper reading), ``cosine`` (1 - cos) or ``contrastive`` (the L_ta form on
     #: encoder outputs).
     prompt_align: Literal["l1", "cosine", "contrastive"] = "l1"

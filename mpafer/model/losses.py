@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "anchor_contrastive",
+    "centre_on_classes",
     "loss_ta",
     "loss_pa_l1",
     "loss_pa_cosine",
@@ -67,7 +68,25 @@ def anchor_contrastive(soft: Tensor, anchors: Tensor, anchor_labels: Tensor, tau
     return torch.where(present, per_class_mean, torch.zeros_like(per_class_mean)).sum() / n_present
 
 
-def loss_ta(soft_vectors: Tensor, hard_vectors: Tensor, hard_labels: Tensor, tau: float = 0.07) -> Tensor:
+def centre_on_classes(soft: Tensor, anchors: Tensor, anchor_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sides of an anchor-contrastive loss minus what all classes share (``model.align_centre``).
+
+    ``soft`` ``[C, K]`` loses its mean over the classes; ``anchors`` ``[N, K]`` lose the mean of their
+    per-class means (every class with anchors weighs the same, however many hard prompts it has). What is
+    left is what tells the classes apart: a shared context, or the hard prompts' common template, can no
+    longer dominate the cosine.
+    """
+    soft32, anchors32 = _f32(soft), _f32(anchors)
+    one_hot = F.one_hot(anchor_labels, soft.shape[0]).to(torch.float32)  # [N, C]
+    counts = one_hot.sum(dim=0)
+    present = counts > 0
+    class_means = (one_hot.t() @ anchors32)[present] / counts[present].unsqueeze(-1)
+    return soft32 - soft32.mean(dim=0, keepdim=True), anchors32 - class_means.mean(dim=0, keepdim=True)
+
+
+def loss_ta(
+    soft_vectors: Tensor, hard_vectors: Tensor, hard_labels: Tensor, tau: float = 0.07, centre: bool = False
+) -> Tensor:
     """Token-level soft-hard alignment ``L_ta`` (docs/METHOD.md §3, docs/METHOD_DEVIATIONS.md).
 
     ``P(y_d | t_d) = exp(sim(t_d, t_d*)/tau) / sum_c exp(sim(t_c, t_d*)/tau)`` with ``t_c`` the
@@ -86,7 +105,10 @@ def loss_ta(soft_vectors: Tensor, hard_vectors: Tensor, hard_labels: Tensor, tau
         hard_vectors: ``[N, W]``.
         hard_labels: ``[N]`` long.
         tau: temperature, docs/METHOD.md default 0.07.
+        centre: compare the vectors after :func:`centre_on_classes` (``model.align_centre``).
     """
+    if centre:
+        soft_vectors, hard_vectors = centre_on_classes(soft_vectors, hard_vectors, hard_labels)
     return anchor_contrastive(soft_vectors, hard_vectors, hard_labels, tau)
 
 

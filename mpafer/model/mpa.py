@@ -394,7 +394,9 @@ class MPAFER(nn.Module):
                         "the alignment loss needs the soft prompts' token vectors: call forward() without "
                         "text_features when training"
                     )
-                parts["ta"] = losses.loss_ta(soft, self.hard_token_vectors, self.prompt_labels, cfg.tau_align)
+                parts["ta"] = losses.loss_ta(
+                    soft, self.hard_token_vectors, self.prompt_labels, cfg.tau_align, cfg.align_centre
+                )
                 if cfg.prompt_align == "contrastive":
                     parts["pa"] = losses.loss_pa_contrastive(
                         out.text_features, self.prompt_features, self.prompt_labels, cfg.tau_align
