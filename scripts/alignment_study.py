@@ -22,12 +22,15 @@ Candidates are named sets of ``model.*`` overrides (:data:`CANDIDATES`); ``--set
 
     .venv/bin/python scripts/alignment_study.py text --clip tiny --candidates literal,output --steps 300
     .venv/bin/python scripts/alignment_study.py train --data gray --candidates literal,output --seeds 1,2
+    .venv/bin/python scripts/alignment_study.py table results.json   # the tables of a saved --out file
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -58,7 +61,9 @@ PAPER_LITERAL = [
     "align_tokens=input", "align_pool=prompt", "align_token_norm=false", "align_centre=false",
     "class_specific_ctx=false", "prompt_align=l1", "pa_reduction=sum", "ta_weight=1", "pa_weight=1",
 ]
+OC = ["align_tokens=output", "align_centre=true"]  # the token-output, class-centred reading of L_ta
 CANDIDATES: dict[str, list[str]] = {
+    # readings of L_ta (L_pa as in the paper-literal reading)
     "literal": [],
     "literal-ta0.1": ["ta_weight=0.1"],
     "literal-ta0.01": ["ta_weight=0.01"],
@@ -68,13 +73,23 @@ CANDIDATES: dict[str, list[str]] = {
     "input-centre": ["align_centre=true"],
     "output": ["align_tokens=output"],
     "output-l2": ["align_tokens=output", "align_token_norm=true"],
-    "output-centre": ["align_tokens=output", "align_centre=true"],
-    "output-centre-ta0.1": ["align_tokens=output", "align_centre=true", "ta_weight=0.1"],
+    "output-centre": OC,
+    "output-centre-ta0.1": [*OC, "ta_weight=0.1"],
+    # L_pa's form and scale, on the output-centre L_ta
+    "oc+pa-sum-w0.1": [*OC, "pa_weight=0.1"],
+    "oc+pa-mean": [*OC, "pa_reduction=mean"],
+    "oc+pa-mean-w25": [*OC, "pa_reduction=mean", "pa_weight=25"],
+    "oc+pa-cos": [*OC, "prompt_align=cosine"],
+    "oc+pa-cos-w8": [*OC, "prompt_align=cosine", "pa_weight=8"],
+    "oc+pa-off": [*OC, "pa_weight=0"],
+    # L_pa's scale alone, on the literal L_ta, and with the other readings
     "pa-mean": ["pa_reduction=mean"],
-    "output-centre-pa-mean": ["align_tokens=output", "align_centre=true", "pa_reduction=mean"],
-    "output-centre-pa-cos": ["align_tokens=output", "align_centre=true", "prompt_align=cosine"],
-    "no-align": ["beta=0"],
+    "token-l2+pa-mean": ["align_token_norm=true", "pa_reduction=mean"],
+    "oc+pa-mean-ta0.1": [*OC, "pa_reduction=mean", "ta_weight=0.1"],
     # baselines (other variants; the alignment switches do not apply to them)
+    "no-align": ["beta=0"],
+    "no-align-no-proto": ["beta=0", "gamma=0"],
+    "soft+visual+proto": ["variant=soft+visual+proto"],
     "vpt": ["variant=vpt"],
     "coop": ["variant=coop"],
     "soft+visual": ["variant=soft+visual"],
@@ -157,6 +172,19 @@ def load_inputs(work: Path, clip: ClipConfig, shift: str | None, with_prototypes
 def ctx_row_norm(model: MPAFER) -> float:
     assert model.text is not None
     return float(model.text.learner.ctx.detach().norm(dim=-1).mean())
+
+
+def by_candidate(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The runs (``<candidate>/seed<k>``) grouped by candidate, in the order they ran."""
+    groups: dict[str, list[dict[str, Any]]] = {c: [] for c in results.get("order", CANDIDATES)}
+    for key, res in results["runs"].items():  # (a saved file's runs may come back sorted by key)
+        groups.setdefault(key.rsplit("/", 1)[0], []).append(res)
+    return {c: runs for c, runs in groups.items() if runs}
+
+
+def row(line: str) -> None:
+    """Print a Markdown table row; a number a candidate does not have (no L_ta in CoOp, ...) shows as –."""
+    print(re.sub(r"\bnan\b", "–", line))
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -248,7 +276,8 @@ def cmd_text(args: argparse.Namespace) -> dict[str, Any]:
         feats = {"z_train": z[~test], "y_train": y[~test], "z_test": z[test], "y_test": y[test]}
         base = {"variant": "soft+visual+proto+align", "n_ctx": 10, "gamma": 0}
     results: dict[str, Any] = {"clip": args.clip, "data": args.data, "lr": args.lr, "steps": args.steps,
-                               "ln_c": math.log(len(inputs.classes)), "runs": {}}
+                               "ln_c": math.log(len(inputs.classes)), "order": args.candidates.split(","),
+                               "runs": {}}
     for cand in args.candidates.split(","):
         cfg = model_config(base, cand, args.sets)
         for seed in args.seeds:
@@ -273,15 +302,12 @@ def print_text_table(results: dict[str, Any]) -> None:
     print("| candidate | L_ta start → min → end | end / ln C | ‖∇ctx β·L_ta‖ start → end | "
           "‖∇ctx L_vt‖ end | ‖∇ctx β·L_pa‖ end | ctx row norm end | test acc % |")
     print("|---|---|---|---|---|---|---|---|")
-    by_cand: dict[str, list[dict[str, Any]]] = {}
-    for key, res in results["runs"].items():
-        by_cand.setdefault(key.split("/")[0], []).append(res)
-    for cand, runs in by_cand.items():
+    for cand, runs in by_candidate(results).items():
         def avg(field: str, i: int, runs: list[dict[str, Any]] = runs) -> float:
             return statistics.mean(r["trace"][i].get(field, float("nan")) for r in runs)
         ta_min = statistics.mean(min(x.get("loss_ta", float("nan")) for x in r["trace"]) for r in runs)
         accs = [100 * r["trace"][-1]["test_acc"] for r in runs]
-        print(f"| {cand} | {avg('loss_ta', 0):.2f} → {ta_min:.2f} → {avg('loss_ta', -1):.2f} | "
+        row(f"| {cand} | {avg('loss_ta', 0):.2f} → {ta_min:.2f} → {avg('loss_ta', -1):.2f} | "
               f"{avg('loss_ta', -1) / ln_c:.2f} | {avg('grad_ta', 0):.3g} → {avg('grad_ta', -1):.3g} | "
               f"{avg('grad_vt', -1):.3g} | {avg('grad_pa', -1):.3g} | {avg('ctx_norm', -1):.2f} | "
               f"{mean_std(accs)} |")
@@ -353,7 +379,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     demo_model = demo_config().model.model_dump()
     results: dict[str, Any] = {"data": args.data, "epochs": args.epochs, "lr": args.lr,
                                "ln_c": math.log(len(inputs.classes)), "zeroshot": zeroshot_accuracy(inputs),
-                               "runs": {}}
+                               "order": args.candidates.split(","), "runs": {}}
     print(f"zero-shot test accuracy on {args.data}: {100 * results['zeroshot']:.1f} %", flush=True)
     for cand in args.candidates.split(","):
         cfg = model_config({**demo_model, "variant": args.variant}, cand, args.sets)
@@ -382,17 +408,14 @@ def print_train_table(results: dict[str, Any]) -> None:
     print("| candidate | test acc % | L_ta ep1 → last | last / ln C | ‖∇ctx L_ta‖ ep1 → last | "
           "‖∇ctx L_vt‖ last | ‖∇ctx L_pa‖ last | L_pa last | ctx row norm | warnings (seeds) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    by_cand: dict[str, list[dict[str, Any]]] = {}
-    for key, res in results["runs"].items():
-        by_cand.setdefault(key.split("/")[0], []).append(res)
-    for cand, runs in by_cand.items():
+    for cand, runs in by_candidate(results).items():
         def avg(fn: Any, i: int, runs: list[dict[str, Any]] = runs) -> float:
             return statistics.mean(fn(r["history"][i]) for r in runs)
         accs = [100 * r["test_acc"] for r in runs]
         ta = lambda r: r.get("diag_loss", {}).get("ta", float("nan"))  # noqa: E731
         pa = lambda r: r.get("diag_loss", {}).get("pa", float("nan"))  # noqa: E731
         warns = sorted({w.split(":")[0] for r in runs for w in r["warnings"]})
-        print(f"| {cand} | {mean_std(accs)} | {avg(ta, 0):.2f} → {avg(ta, -1):.2f} | {avg(ta, -1) / ln_c:.2f} | "
+        row(f"| {cand} | {mean_std(accs)} | {avg(ta, 0):.2f} → {avg(ta, -1):.2f} | {avg(ta, -1) / ln_c:.2f} | "
               f"{avg(lambda r: _grad(r, 'ta'), 0):.3g} → {avg(lambda r: _grad(r, 'ta'), -1):.3g} | "
               f"{avg(lambda r: _grad(r, 'vt'), -1):.3g} | {avg(lambda r: _grad(r, 'pa'), -1):.3g} | "
               f"{avg(pa, -1):.3g} | {avg(lambda r: r.get('ctx_norm', float('nan')), -1):.2f} | "
@@ -410,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1])
         p.add_argument("--set", dest="sets", action="append", default=[], help="extra model.key=value")
         p.add_argument("--out", help="write the raw numbers as JSON here")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads (1: on a shared CPU, more threads of these small ops mostly wait)")
     t = sub.choices["text"]
     t.add_argument("--clip", choices=["tiny", "vitb16"], default="tiny")
     t.add_argument("--data", choices=sorted(SHIFTS), default="gray")
@@ -421,9 +446,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--variant", default="mpa")
     r.add_argument("--epochs", type=int, default=10)
     r.add_argument("--lr", type=float, default=0.01)
+    tab = sub.add_parser("table", help="print the tables of a saved --out JSON again")
+    tab.add_argument("json")
     args = parser.parse_args(argv)
+    if args.cmd == "table":
+        saved = json.loads(Path(args.json).read_text())
+        print(f"(from: {saved.get('command', '?')})")
+        (print_text_table if "steps" in saved else print_train_table)(saved)
+        return
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     results = cmd_text(args) if args.cmd == "text" else cmd_train(args)
     save(args, results)
 

@@ -41,7 +41,7 @@ def test_dead_term_near_ln_c_with_collapsed_gradient() -> None:
     warnings = find_warnings(history, REFERENCE)
     dead = [w for w in warnings if w.kind == "dead"]
     assert [w.term for w in dead] == ["ta"]
-    # epoch 3: 1.83 >= 0.9 ln 7 = 1.75 but 4.2 / 0.15 = 28 > 20 -> dead from epoch 3 on
+    # epoch 2: 1.66 >= 0.85 ln 7 = 1.654 but 4.2 / 1.0 < 20; epoch 3: 4.2 / 0.15 = 28 > 20 -> dead from epoch 3 on
     assert dead[0].since == 3 and dead[0].epoch == 5
     assert dead[0].ratio == pytest.approx(4.2 / 0.038)
     assert "ta" in dead[0].message and "since epoch 3" in dead[0].message and "1.946" in dead[0].message
@@ -68,8 +68,8 @@ def _dead_terms(history: list[dict[str, Any]], reference: dict[str, float]) -> l
 
 
 def test_dead_thresholds_are_the_documented_ones() -> None:
-    # value exactly at the 0.9 ln C edge, gradient just past / just short of 20x
-    edge = 0.9 * LN7
+    # value exactly at the 0.85 ln C edge, gradient just past / just short of 20x
+    edge = 0.85 * LN7
     assert _dead_terms(_ta_history([1.0, edge], [4.0, 4.0 / 20.5]), REFERENCE) == ["ta"]
     assert _dead_terms(_ta_history([1.0, edge], [4.0, 4.0 / 19.5]), REFERENCE) == []
     assert _dead_terms(_ta_history([1.0, edge - 0.01], [4.0, 0.01]), REFERENCE) == []
