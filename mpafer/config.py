@@ -7,6 +7,7 @@ model forbids unknown fields, so a typo fails before any work starts, naming the
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -232,9 +233,9 @@ class ModelConfig(_Model):
     topk: int = Field(16, ge=1)
     # losses (docs/METHOD.md §3; the readings and their evidence: docs/METHOD_DEVIATIONS.md)
     tau_align: float = Field(0.07, gt=0)
-    #: Token vectors of L_ta: ``input`` = token embeddings before the positional embedding (paper-literal);
-    #: ``output`` = the frozen text encoder's token outputs after ``ln_final``.
-    align_tokens: Literal["input", "output"] = "input"
+    #: Token vectors of L_ta: ``output`` (default) = the frozen text encoder's token outputs after
+    #: ``ln_final``; ``input`` = token embeddings before the positional embedding (paper-literal).
+    align_tokens: Literal["input", "output"] = "output"
     #: Soft-prompt positions L_ta pools: ``prompt`` = every token between SOS and EOS (context, class name,
     #: period); ``context`` = the context vectors only (needs ``class_specific_ctx``: a shared context would
     #: give every class the same vector). Hard prompts always pool their whole text.
@@ -242,18 +243,21 @@ class ModelConfig(_Model):
     #: L2-normalise every token vector before pooling (both sides of L_ta).
     align_token_norm: bool = False
     #: Compare L_ta's vectors minus their mean over the classes (both sides): what all classes share
-    #: (a shared context, the hard prompts' template) cannot dominate the cosine.
-    align_centre: bool = False
+    #: (a shared context, the hard prompts' template) cannot dominate the cosine. Default on; off is
+    #: paper-literal.
+    align_centre: bool = True
     #: L_pa's form: ``l1`` (paper reading), ``cosine`` (1 - cos) or ``contrastive`` (the L_ta form on
     #: encoder outputs).
     prompt_align: Literal["l1", "cosine", "contrastive"] = "l1"
-    #: Reduction of the ``l1`` L_pa over the D feature dimensions: ``sum`` (paper reading) or ``mean``.
-    pa_reduction: Literal["sum", "mean"] = "sum"
+    #: Reduction of the ``l1`` L_pa over the D feature dimensions: ``mean`` (default) or ``sum`` (paper
+    #: reading).
+    pa_reduction: Literal["sum", "mean"] = "mean"
     proto_metric: Literal["cosine", "l1"] = "cosine"
     #: Weight of L_t = ta_weight L_ta + pa_weight L_pa in the total (docs/METHOD.md's β).
     beta: float = Field(1.0, ge=0)
-    #: Weight of L_ta inside L_t (with SGD, the same as a separate learning rate for the term).
-    ta_weight: float = Field(1.0, ge=0)
+    #: Weight of L_ta inside L_t (with SGD, the same as a separate learning rate for the term); 0.1 by
+    #: default (the centred L_ta's gradient would otherwise swamp L_vt's at ViT-B/16 scale), 1 paper-literal.
+    ta_weight: float = Field(0.1, ge=0)
     #: Weight of L_pa inside L_t.
     pa_weight: float = Field(1.0, ge=0)
     gamma: float = Field(1.0, ge=0)
@@ -650,3 +654,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The embedded default that ``mpafer demo`` runs."""
     return load_config(CONFIG_DIR / "demo.yaml", overrides)
+
+
+#: The shipped fragment holding the paper-literal reading of the alignment losses (docs/METHOD_DEVIATIONS.md).
+PAPER_LITERAL_READING = "readings/paper_literal.yaml"
+
+
+def paper_literal_overrides() -> list[str]:
+    """The ``--set`` overrides that give the paper-literal reading of L_ta and L_pa (``model.align_*``,
+    ``pa_reduction``, the weights), read from the shipped ``configs/readings/paper_literal.yaml``."""
+    model = load_yaml_dict(PAPER_LITERAL_READING)["model"]
+    return [f"model.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in model.items()]

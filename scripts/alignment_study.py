@@ -47,7 +47,7 @@ from mpafer.artifacts import atomic_write_json
 from mpafer.clip import load_backbone
 from mpafer.clip.prototypes import build_prototypes, load_prototypes
 from mpafer.clip.text_features import build_text_features, load_text_features
-from mpafer.config import ClipConfig, ModelConfig, apply_overrides, demo_config
+from mpafer.config import ClipConfig, ModelConfig, apply_overrides, demo_config, paper_literal_overrides
 from mpafer.data.images import decode_to_uint8_cache, gpu_augment, normalize_uint8
 from mpafer.data.manifest import build_manifest, load_manifest
 from mpafer.data.synthetic import generate_dataset
@@ -56,11 +56,8 @@ from mpafer.model import MPAFER, MPAOutput
 from mpafer.train.diagnostics import find_warnings, no_information_values, term_gradients
 from mpafer.train.loop import WarmupCosineSchedule
 
-#: Named candidate readings: ``model.*`` overrides on top of the paper-literal switches below.
-PAPER_LITERAL = [
-    "align_tokens=input", "align_pool=prompt", "align_token_norm=false", "align_centre=false",
-    "class_specific_ctx=false", "prompt_align=l1", "pa_reduction=sum", "ta_weight=1", "pa_weight=1",
-]
+#: Named candidate readings: ``model.*`` overrides on top of the paper-literal reading (configs/readings/paper_literal.yaml).
+PAPER_LITERAL = [o.removeprefix("model.") for o in paper_literal_overrides()]
 OC = ["align_tokens=output", "align_centre=true"]  # the token-output, class-centred reading of L_ta
 CANDIDATES: dict[str, list[str]] = {
     # readings of L_ta (L_pa as in the paper-literal reading)

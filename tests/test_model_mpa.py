@@ -189,7 +189,7 @@ def test_contrastive_prompt_alignment_and_l1_prototype_metric(env: dict[str, Any
     )
     parts = model.loss(model(env["images"]), env["labels"])
     assert set(parts) == {"total", "vt", "ta", "pa", "v"}
-    manual = parts["vt"] + parts["ta"] + parts["pa"] + parts["v"]
+    manual = parts["vt"] + 0.1 * parts["ta"] + parts["pa"] + parts["v"]  # the default ta_weight 0.1
     torch.testing.assert_close(parts["total"], manual)
 
 
