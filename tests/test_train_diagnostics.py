@@ -143,7 +143,7 @@ def test_term_gradients_route_and_match_manual_backward(env: dict[str, Any]) -> 
     assert set(diag.grad_norms["ta"]) == {CTX} and set(diag.grad_norms["pa"]) == {CTX}
     assert set(diag.grad_norms["v"]) == {VIS} and set(diag.grad_norms["vt"]) == {CTX, VIS}
     for term, per_tensor in diag.grad_norms.items():
-        manual = _manual_grad_norms(model, env, term, 1.0)
+        manual = _manual_grad_norms(model, env, term, diag.weights[term])
         for tensor, norm in per_tensor.items():
             assert norm == pytest.approx(manual[tensor], rel=1e-4), (term, tensor)
             assert norm > 0
@@ -154,7 +154,7 @@ def test_term_gradients_route_and_match_manual_backward(env: dict[str, Any]) -> 
 
 
 def test_term_gradients_are_of_the_weighted_terms(env: dict[str, Any]) -> None:
-    plain = term_gradients(_model(env), env["images"], env["labels"])
+    plain = term_gradients(_model(env, ta_weight=1.0), env["images"], env["labels"])
     weighted = term_gradients(
         _model(env, beta=0.5, ta_weight=0.2, pa_weight=3.0, gamma=0.25), env["images"], env["labels"]
     )
@@ -173,8 +173,23 @@ def test_term_gradients_with_a_zero_weight_and_without_prompts(env: dict[str, An
         term_gradients(_model(env, variant="zeroshot"), env["images"], env["labels"])
 
 
-def test_no_information_values(env: dict[str, Any]) -> None:
+def test_term_gradients_leave_the_training_as_it_was(env: dict[str, Any]) -> None:
+    """Called between optimiser steps: the gradients the step accumulated and the random number generator
+    (a stochastic layer in the forward pass draws from it) are as before, so later batches are unchanged."""
     model = _model(env)
+    params = [p for _, p in model.trainable_named_parameters()]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    model.register_forward_pre_hook(lambda module, args: (torch.rand(8), None)[1])  # like a dropout layer
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    term_gradients(model, env["images"], env["labels"])
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)
+
+
+def test_no_information_values(env: dict[str, Any]) -> None:
+    model = _model(env, pa_reduction="sum")
     ref = no_information_values(model)
     ln4 = math.log(4)
     assert ref["vt"] == pytest.approx(ln4) and ref["ta"] == pytest.approx(ln4)
@@ -185,7 +200,7 @@ def test_no_information_values(env: dict[str, Any]) -> None:
     p = env["prototypes"]
     shared_p = F.normalize(p.mean(0), dim=-1)
     assert ref["v"] == pytest.approx(float((1 - p @ shared_p).mean()), rel=1e-5)
-    assert no_information_values(_model(env, pa_reduction="mean"))["pa"] == pytest.approx(ref["pa"] / 32, rel=1e-5)
+    assert no_information_values(_model(env))["pa"] == pytest.approx(ref["pa"] / 32, rel=1e-5)  # mean over D
     cos_ref = no_information_values(_model(env, prompt_align="cosine"))["pa"]
     assert cos_ref == pytest.approx(float((1 - t @ shared).mean()), rel=1e-5)
     assert no_information_values(_model(env, prompt_align="contrastive"))["pa"] == pytest.approx(ln4)

@@ -13,25 +13,19 @@ Two pure pieces (no I/O, no Prefect), meant to run once per epoch, not every ste
   * **dominant**: on a trainable tensor reached by several terms, one term's gradient norm exceeds every
     other's by more than 10× — the others barely move that tensor.
 
-The intended wiring at the end of each epoch of the training loop (rank 0; ``images, labels`` = the
-epoch's last batch, ``row`` = the epoch's metrics row, ``history`` = the previous rows)::
-
-    from mpafer.train.diagnostics import find_warnings, no_information_values, term_gradients
-
-    row.update(term_gradients(model, images, labels, amp_dtype=amp_dtype).row())
-    for warning in find_warnings([*history, row], no_information_values(model)):
-        console.print(f"warning: {warning.message}")
-    # the warnings of the last epoch also go to report.md; row["grad_norm"] feeds curves.png
+The training loop calls :func:`epoch_diagnostics` once per epoch, at its epoch end, on the epoch's last batch
+(rank 0; the fields join the epoch's metrics row and the warnings go to the ``mpafer.train`` logger); the
+evaluation draws the rows (``gradients.png``) and summarises the last one in ``report.md``.
 
 Row format (JSON-ready, one per epoch in ``metrics.jsonl``): ``row["diag_loss"][term]`` = the term's
 unweighted value on the batch; ``row["grad_norm"][term][tensor]`` = the norm of the weighted term's
 gradient on that tensor (absent when the term does not reach the tensor by design, e.g. ``L_v`` on the
-text context).
+text context); ``row["diag_reference"][term]`` = the term's no-information value;
+``row["diag_warnings"]`` = the messages of :func:`find_warnings` over the run's rows up to this one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,10 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpafer.model import losses
+from mpafer.runtime import Precision, autocast
 
 __all__ = [
     "TermGradients",
     "TermWarning",
+    "epoch_diagnostics",
     "find_warnings",
     "no_information_values",
     "term_gradients",
@@ -81,15 +77,17 @@ class TermGradients:
 
 
 def term_gradients(
-    model: nn.Module, images: Tensor, labels: Tensor, *, amp_dtype: torch.dtype | None = None
+    model: nn.Module, images: Tensor, labels: Tensor, *, precision: Precision = "fp32"
 ) -> TermGradients:
     """Each loss term's value and the gradient norm its weighted contribution puts on each prompt tensor.
 
     ``model`` is an :class:`~mpafer.model.MPAFER` (``forward``, ``loss``, ``loss_weights``,
     ``trainable_named_parameters``); the forward pass runs once (eagerly, in the model's current mode,
-    under ``amp_dtype`` autocast when given, as in training) and each term is differentiated with
+    under the training's autocast ``precision``) and each term is differentiated with
     ``torch.autograd.grad(..., retain_graph=True)``: about (1 + number of terms) backward passes, so call
-    it once per epoch. Parameters' ``.grad`` are not touched.
+    it once per epoch. It leaves the training as it was: parameters' ``.grad`` are not touched and the
+    random number generators (CPU, and the CUDA device of ``images``) are restored afterwards, so a
+    stochastic layer in the forward pass cannot shift what the training draws next.
 
     Raises:
         ValueError: ``model`` has no trainable tensors (``zeroshot``: nothing to diagnose).
@@ -98,11 +96,9 @@ def term_gradients(
     if not named:
         raise ValueError("the model has no trainable tensors to diagnose")
     weights: dict[str, float] = dict(model.loss_weights())  # type: ignore[operator]
-    autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if amp_dtype is not None:
-        autocast = torch.autocast(device_type=images.device.type, dtype=amp_dtype)
-    with torch.enable_grad():
-        with autocast:
+    cuda = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        with autocast(images.device, precision):
             out = model(images)
         parts = model.loss(out, labels)  # type: ignore[operator]
         terms = [t for t in weights if t in parts]
@@ -262,3 +258,24 @@ def find_warnings(
                 f"{ratio:.0f}x the next ({others})",
             ))
     return out
+
+
+def epoch_diagnostics(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    history: Sequence[Mapping[str, Any]],
+    epoch: int,
+    *,
+    precision: Precision = "fp32",
+) -> dict[str, Any]:
+    """The diagnostic fields of epoch ``epoch``'s metrics row (see the module docstring for the format).
+
+    :func:`term_gradients` on one batch, the terms' no-information values, and the warnings of
+    :func:`find_warnings` over ``history`` (the run's earlier rows) followed by this epoch's row.
+    """
+    fields: dict[str, Any] = term_gradients(model, images, labels, precision=precision).row()
+    fields["diag_reference"] = no_information_values(model)
+    found = find_warnings([*history, {"epoch": epoch, **fields}], fields["diag_reference"])
+    fields["diag_warnings"] = [w.message for w in found]
+    return fields

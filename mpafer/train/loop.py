@@ -15,7 +15,10 @@ and returns the run's result (also written to ``run_dir/train.json``):
   returns the stored result at once.
 * The ``val`` split (when the manifest has one) is evaluated after every epoch for monitoring only; the
   ``test`` split is never read here. The **last** epoch is the result. One metrics row per epoch goes to
-  ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`).
+  ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`); it carries the
+  epoch's diagnostics (each loss term and the gradient norm it puts on each prompt tensor, measured on the
+  epoch's last batch without touching the training, :mod:`mpafer.train.diagnostics`), whose warnings (a
+  dead term, a term dominating a tensor's gradient) go to the logger too.
 * Data parallel under torchrun (``WORLD_SIZE > 1``, :mod:`mpafer.train.distributed`): ``train.batch_size``
   is the global batch, each rank trains on its shard of every global batch, the prompt gradients are
   averaged over the ranks, and only rank 0 writes files.
@@ -47,6 +50,7 @@ from mpafer.model import MPAFER
 from mpafer.runtime import Precision, auto_on_cuda, autocast, compile_step, resolve_amp, train_device
 from mpafer.train.batches import TrainBatches, eval_loader, feature_eval_batches, train_batches
 from mpafer.train.checkpoint import CHECKPOINT_DIR, restore_rng_state, save_checkpoint
+from mpafer.train.diagnostics import epoch_diagnostics
 from mpafer.train.distributed import (
     DistContext,
     all_reduce_gradients,
@@ -164,6 +168,7 @@ class _Trainer:
         self.started: float | None = None  # the wall clock of this process's training (train_time)
         self.guard: FiniteGuard | None = None  # a non-finite loss, gradient or prompt stops the run
         self.saved_step: int | None = None  # the global step of the newest checkpoint (the one kept)
+        self.last_batch: tuple[Tensor, Tensor] | None = None  # the epoch's last batch, for the diagnostics
 
     # -------------------------------------------------------------------------------- the loop
     def run(self, resume: Mapping[str, Any] | None, max_steps: int | None,
@@ -201,6 +206,7 @@ class _Trainer:
         mark = time.perf_counter()
         for images, labels in data.epoch(st.epoch, st.step_in_epoch):
             self._train_step(images, labels)
+            self.last_batch = (images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
             if st.global_step % self.tc.log_every_steps == 0:
@@ -279,6 +285,8 @@ class _Trainer:
         st.history.append(row)
         if self.dist.is_main:
             log.info("%s", epoch_line(row))
+            for message in row.get("diag_warnings", []):
+                log.warning("%s", message)
         if self.on_epoch is not None:
             self.on_epoch(row)
         st.next_epoch()
@@ -294,6 +302,10 @@ class _Trainer:
         row["n_images"] = st.seen
         row["epoch_time_s"] = round(st.epoch_time, 4)
         row["images_per_s"] = round(st.seen / st.epoch_time, 2) if st.epoch_time > 0 else None
+        if self.last_batch is not None and self.dist.is_main:  # once per epoch, after the epoch is timed
+            row.update(epoch_diagnostics(self.model, *self.last_batch, st.history, row["epoch"],
+                                         precision=self.precision))
+            self.last_batch = None
         if self.inputs.n_val and self.dist.is_main:  # rank 0 evaluates; the row is broadcast
             from mpafer.train.metrics import classification_metrics
 

@@ -11,8 +11,11 @@ split through the prompted encoder and writes, atomically, into ``run_dir``:
   :mod:`mpafer.train.outputs`) and ``misclassified.png`` (a grid of the misclassified images);
 * per-class precision, recall and F1 and macro-F1 next to the accuracies (:mod:`mpafer.train.metrics`);
 * the zero-shot CLIP baseline on the same split and the run's gain over it (:mod:`mpafer.train.baseline`);
-* ``confusion.png`` and ``curves.png`` (training curves from ``metrics.jsonl``; none for zero-shot);
-* ``report.md``: config summary, metrics table, per-class table, the gain over zero-shot, the PNGs.
+* ``confusion.png`` and ``curves.png`` (training curves from ``metrics.jsonl``; none for zero-shot), and
+  ``gradients.png`` (the per-epoch diagnostics: each loss term and the gradient norm it puts on each prompt
+  tensor);
+* ``report.md``: config summary, metrics table, per-class table, the gain over zero-shot, the training
+  diagnostics of the last epoch with their warnings, the PNGs.
 
 The ``zeroshot`` variant runs through the same code: its "training" stores no prompts and its
 classifier is the hard-prompt class targets.
@@ -34,9 +37,12 @@ from mpafer.train.outputs import misclassified_section
 from mpafer.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PROMPTS_FILE, TRAIN_RESULT_FILE
 
 __all__ = [
+    "diagnostics_section",
     "evaluate",
+    "gradients_figure",
     "plot_confusion",
     "plot_curves",
+    "plot_gradients",
     "read_metrics",
     "render_report",
     "summary_name",
@@ -187,6 +193,95 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str])
     return Path(path)
 
 
+def _diagnosed(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("grad_norm")]
+
+
+def gradients_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The per-epoch diagnostics (:mod:`mpafer.train.diagnostics`) as a matplotlib figure: each loss term
+    over its no-information value (left; 1 = the term tells the classes apart no better than chance), then
+    one panel per trainable tensor with the gradient norm each weighted term puts on it (log scale).
+
+    Every line has a legend entry below its panel, a term has one colour in every panel; rows without
+    diagnostics are skipped.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    rows = _diagnosed(rows)
+    tensors = sorted({t for r in rows for g in r["grad_norm"].values() for t in g})
+    terms = sorted({t for r in rows for t in r.get("diag_loss", {})})
+    colour = {term: f"C{i}" for i, term in enumerate(terms)}  # one colour per term in every panel
+    fig, axes = plt.subplots(1, 1 + len(tensors), figsize=(4.6 * (1 + len(tensors)), 4.4), squeeze=False)
+    ax_val, grad_axes = axes[0][0], axes[0][1:]
+    for term in terms:
+        pts = [(r["epoch"], r["diag_loss"][term] / r["diag_reference"][term]) for r in rows
+               if term in r.get("diag_loss", {}) and (r.get("diag_reference") or {}).get(term)]
+        if pts:
+            ax_val.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=f"L_{term}", color=colour[term])
+    ax_val.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="no-information value")
+    ax_val.set_title("loss terms / their no-information value")
+    ax_val.set_ylabel("ratio")
+    for ax, tensor in zip(grad_axes, tensors, strict=True):
+        for term in terms:
+            pts = [(r["epoch"], r["grad_norm"][term][tensor]) for r in rows
+                   if tensor in r["grad_norm"].get(term, {}) and r["grad_norm"][term][tensor] > 0]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=f"weighted L_{term}",
+                        color=colour[term])
+        ax.set_yscale("log")
+        ax.set_title(f"gradient norm on {tensor}")
+        ax.set_ylabel("norm (log scale)")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                      ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradients(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Write :func:`gradients_figure` as a PNG (atomically); ``None`` without diagnosed rows."""
+    if not _diagnosed(rows):
+        return None
+    plt = _pyplot()
+    fig = gradients_figure(rows)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def diagnostics_section(final_row: Mapping[str, Any]) -> list[str]:
+    """The report's training diagnostics: the last epoch's loss terms and the gradient norm each puts on
+    each prompt tensor, and the warnings (empty without diagnostics)."""
+    grads = final_row.get("grad_norm") or {}
+    if not grads:
+        return []
+    values, reference = final_row.get("diag_loss") or {}, final_row.get("diag_reference") or {}
+    tensors = sorted({t for g in grads.values() for t in g})
+    lines = ["", f"## Training diagnostics (epoch {final_row.get('epoch')}, its last batch)", "",
+             "Each loss term's value, its no-information value (what it is when the prompts carry no class "
+             "information) and the gradient norm the weighted term puts on each trainable tensor "
+             "(– where the term does not reach it).", "",
+             "| term | value | no-information value | " + " | ".join(f"‖∇‖ {t}" for t in tensors) + " |",
+             "|---|---|---|" + "---|" * len(tensors)]
+    for term in sorted(values):
+        ref = reference.get(term)
+        norms = [grads.get(term, {}).get(t) for t in tensors]
+        lines.append(f"| L_{term} | {values[term]:.4g} | {'–' if ref is None else f'{ref:.4g}'} | "
+                     + " | ".join("–" if n is None else f"{n:.3g}" for n in norms) + " |")
+    warnings_ = final_row.get("diag_warnings") or []
+    lines += ["", "Warnings:" if warnings_ else
+              "No warnings: no term is dead (near its no-information value with a gradient 20× below its "
+              "first epoch's) and none dominates a tensor's gradient by more than 10×."]
+    lines += [f"- {w}" for w in warnings_]
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ report
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100.0 * v:.2f}"
@@ -244,6 +339,7 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
                      f"{summary['throughput_img_s']:.1f} |")
     lines.append(baseline_section(summary).rstrip("\n"))
     lines += per_class_lines(summary)
+    lines += diagnostics_section(summary.get("final_train") or {})
     timings = summary.get("timings") or {}
     if timings:
         lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
@@ -253,6 +349,8 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
         lines.append(f"![confusion matrix]({Path(arts['confusion_png']).name})")
     if arts.get("curves_png"):
         lines.append(f"![training curves]({Path(arts['curves_png']).name})")
+    if arts.get("gradients_png"):
+        lines.append(f"![loss terms and their gradient norms]({Path(arts['gradients_png']).name})")
     return "\n".join(lines) + "\n" + misclassified_section(summary)
 
 
@@ -419,6 +517,7 @@ def evaluate(
     confusion_png = plot_confusion(m["confusion"], run.classes, out / f"confusion{sfx}.png",
                                    title=f"{cfg.model.variant} — {split} ({m['n']} images)")
     curves_png = plot_curves(rows, out / "curves.png") if rows else None
+    gradients_png = plot_gradients(rows, out / "gradients.png")
     misclassified_png = plot_misclassified(out / misclassified_name(split), manifest, split, labels.tolist(),
                                            preds.tolist(), outputs.probs.max(dim=-1).values.tolist(), run.classes,
                                            affectnet_crop=run.cfg.data.affectnet_crop)
@@ -430,6 +529,7 @@ def evaluate(
         "report": str((out / f"report{sfx}.md").resolve()),
         "confusion_png": str(confusion_png.resolve()),
         "curves_png": str(curves_png.resolve()) if curves_png else None,
+        "gradients_png": str(gradients_png.resolve()) if gradients_png else None,
         "misclassified_png": str(misclassified_png.resolve()) if misclassified_png else None,
         "predictions": str(predictions.resolve()),
         "prompts": str(prompts_path.resolve()),

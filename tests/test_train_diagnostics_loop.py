@@ -1,0 +1,137 @@
+"""The training loop's per-epoch diagnostics: metrics rows, the log, gradients.png and report.md (issue 13
+item 1), and that measuring them leaves the training as it was."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import CLASSES, base_config, run_train, shared_inputs
+
+import mpafer.train.loop as loop
+from mpafer.config import Config, build_config, paper_literal_overrides
+from mpafer.train import evaluate
+from mpafer.train.report import read_metrics
+from mpafer.train.rundir import PROMPTS_FILE
+
+CTX, VIS = "text.learner.ctx", "image.prompts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: A tiny run long enough for the paper-literal L_ta to collapse.
+LITERAL_EPOCHS, LITERAL_LR = 3, 0.05
+
+
+def _config(*overrides: str, **train: object) -> Config:
+    from mpafer.config import apply_overrides
+
+    return build_config(apply_overrides(base_config(**train).model_dump(mode="json"), list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def mpa_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("diag") / "run"
+    run_train(base_config(epochs=2), shared_inputs(), run_dir)
+    return run_dir
+
+
+def test_every_epoch_row_carries_the_terms_and_their_gradient_norms(mpa_run: Path) -> None:
+    rows = read_metrics(mpa_run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row["diag_loss"]) == {"vt", "ta", "pa", "v"}
+        # the routing of docs/METHOD.md §3: L_ta and L_pa reach the context only, L_v the visual prompts only
+        assert set(row["grad_norm"]["vt"]) == {CTX, VIS}
+        assert set(row["grad_norm"]["ta"]) == {CTX} and set(row["grad_norm"]["pa"]) == {CTX}
+        assert set(row["grad_norm"]["v"]) == {VIS}
+        assert all(n > 0 and math.isfinite(n) for g in row["grad_norm"].values() for n in g.values())
+        assert row["diag_reference"]["vt"] == pytest.approx(math.log(len(CLASSES)))
+        assert row["diag_reference"]["ta"] == pytest.approx(math.log(len(CLASSES)))
+        assert isinstance(row["diag_warnings"], list)
+    # measured on one batch, not the epoch's running mean: the values differ from the epoch's averages
+    assert rows[-1]["diag_loss"]["vt"] != pytest.approx(rows[-1]["loss_vt"], rel=1e-9)
+
+
+def test_the_report_shows_the_diagnostics_table_and_gradients_png(mpa_run: Path) -> None:
+    summary = evaluate(mpa_run, shared_inputs().manifest)
+    png = Path(summary["artifacts"]["gradients_png"])
+    assert png.name == "gradients.png" and png.read_bytes()[:8] == PNG_MAGIC
+    report = Path(summary["artifacts"]["report"]).read_text()
+    assert "## Training diagnostics (epoch 2" in report
+    assert f"| term | value | no-information value | ‖∇‖ {VIS} | ‖∇‖ {CTX} |" in report
+    last = read_metrics(mpa_run)[-1]
+    ta = last["grad_norm"]["ta"][CTX]
+    assert f"| L_ta | {last['diag_loss']['ta']:.4g} | {last['diag_reference']['ta']:.4g} | – | {ta:.3g} |" in report
+    assert "![loss terms and their gradient norms](gradients.png)" in report
+
+
+def test_diagnostics_do_not_change_the_training(mpa_run: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same run without the diagnostics learns bit-identical prompts and the same epoch losses."""
+    monkeypatch.setattr(loop, "epoch_diagnostics", lambda *args, **kwargs: {})
+    run_train(base_config(epochs=2), shared_inputs(), tmp_path / "plain")
+    with_diag, without = load_file(mpa_run / PROMPTS_FILE), load_file(tmp_path / "plain" / PROMPTS_FILE)
+    assert with_diag.keys() == without.keys()
+    assert all(torch.equal(with_diag[k], without[k]) for k in with_diag)
+    plain_rows = read_metrics(tmp_path / "plain")
+    assert "grad_norm" not in plain_rows[-1]
+    assert [r["loss"] for r in plain_rows] == [r["loss"] for r in read_metrics(mpa_run)]
+
+
+@pytest.mark.parametrize(("variant", "terms", "tensors"), [
+    ("coop", {"vt"}, {CTX}),
+    ("vpt", {"vt"}, {VIS}),
+    ("soft+visual+proto", {"vt", "v"}, {CTX, VIS}),
+])
+def test_variants_without_some_terms(tmp_path: Path, variant: str, terms: set[str], tensors: set[str]) -> None:
+    run_train(_config(f"model.variant={variant}", epochs=1), shared_inputs(), tmp_path / "run")
+    (row,) = read_metrics(tmp_path / "run")
+    assert set(row["diag_loss"]) == terms == set(row["grad_norm"])
+    assert {t for g in row["grad_norm"].values() for t in g} == tensors
+
+
+def test_zeroshot_has_no_diagnostics(tmp_path: Path) -> None:
+    run_train(_config("model.variant=zeroshot"), shared_inputs(), tmp_path / "run")
+    summary = evaluate(tmp_path / "run", shared_inputs().manifest)
+    assert summary["artifacts"]["gradients_png"] is None
+    assert "Training diagnostics" not in Path(summary["artifacts"]["report"]).read_text()
+
+
+def test_paper_literal_alignment_is_reported_dead(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The paper-literal L_ta collapses on the tiny set too: the log and the report say so."""
+    cfg = _config(*paper_literal_overrides(), epochs=LITERAL_EPOCHS, lr=LITERAL_LR)
+    with caplog.at_level(logging.WARNING, logger="mpafer.train"):
+        run_train(cfg, shared_inputs(), tmp_path / "run")
+    dead = [r.getMessage() for r in caplog.records if "loss term ta is dead since epoch" in r.getMessage()]
+    assert dead, [r.getMessage() for r in caplog.records]
+    assert any("loss term ta is dead" in w for w in read_metrics(tmp_path / "run")[-1]["diag_warnings"])
+    summary = evaluate(tmp_path / "run", shared_inputs().manifest)
+    report = Path(summary["artifacts"]["report"]).read_text()
+    assert "Warnings:" in report and "- loss term ta is dead since epoch" in report
+
+
+def test_gradients_figure_every_line_in_a_legend_one_colour_per_term() -> None:
+    from mpafer.train.report import gradients_figure
+
+    rows = [{"epoch": e, "loss": 2.0, "diag_loss": {"vt": 1.0, "ta": 1.9, "v": 0.1},
+             "diag_reference": {"vt": 1.95, "ta": 1.95, "v": 0.2},
+             "grad_norm": {"vt": {CTX: 2.0, VIS: 3.0}, "ta": {CTX: 4.0 / e}, "v": {VIS: 0.5}}} for e in (1, 2, 3)]
+    fig = gradients_figure([{"epoch": 0, "loss": 3.0}, *rows])  # a row without diagnostics is skipped
+    ax_val, ax_vis, ax_ctx = fig.axes
+    legend = {ax: [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes}
+    assert legend[ax_val] == ["L_ta", "L_v", "L_vt", "no-information value"]
+    assert legend[ax_vis] == ["weighted L_v", "weighted L_vt"]  # L_ta does not reach the visual prompts
+    assert legend[ax_ctx] == ["weighted L_ta", "weighted L_vt"]
+    for ax in fig.axes:
+        assert sorted(line.get_label() for line in ax.get_lines()) == sorted(legend[ax])
+    assert [list(x) for x in ax_val.get_lines()[0].get_data()] == [[1, 2, 3], [1.9 / 1.95] * 3]
+    assert list(ax_ctx.get_lines()[0].get_data()[1]) == [4.0, 2.0, 4.0 / 3]
+    colours = {line.get_label().split("L_")[-1]: line.get_color() for ax in fig.axes for line in ax.get_lines()
+               if "L_" in line.get_label()}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if "L_" in line.get_label():
+                assert line.get_color() == colours[line.get_label().split("L_")[-1]]
+    assert ax_ctx.get_yscale() == "log" and "text.learner.ctx" in ax_ctx.get_title()
