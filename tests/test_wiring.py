@@ -74,7 +74,9 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
         "variant": "coop", "n_ctx": "5", "class_specific_ctx": "true", "ctx_init": "a photo of a",
         "ctx_std": "0.03", "n_visual_tokens": "5", "vpt_depth": "1", "vpt_std": "0.03",
         "granularities": "[coarse]", "local_features": "vv", "topk": "5", "tau_align": "0.05",
-        "prompt_align": "contrastive", "proto_metric": "l1", "beta": "0.5", "gamma": "0.5", "tau_cls": "0.01",
+        "align_tokens": "input", "align_pool": "context", "align_token_norm": "true", "align_centre": "false",
+        "prompt_align": "contrastive", "pa_reduction": "sum", "proto_metric": "l1", "beta": "0.5",
+        "ta_weight": "0.5", "pa_weight": "0.5", "gamma": "0.5", "tau_cls": "0.01",
         "prototype_subset": "2", "prototype_seed": "1",
     },
     "train": {
@@ -96,6 +98,8 @@ ALTERNATIVES: dict[str, dict[str, str]] = {
         "target": "{dataset: folder}", "split": "val", "confidence": "0.9", "workers": "2",
     },
 }
+#: Overrides a field's alternative needs to be valid, set on both sides of its comparison.
+CONTEXT = {"model.align_pool": ["model.class_specific_ctx=true"]}
 GROUP_MODELS = {"data": DataConfig, "llm": LLMConfig, "clip": ClipConfig, "model": ModelConfig, "train": TrainConfig,
                 "pipeline": PipelineConfig, "study": StudyConfig}
 
@@ -188,11 +192,15 @@ def test_every_config_field_is_keyed_by_the_stages_that_read_it(key_env: Path) -
     for group, fields in ALTERNATIVES.items():
         for name, raw in fields.items():
             item = f"{group}.{name}={raw.replace('{tmp}', str(tmp))}"
-            cfg = _base(tmp, item)
-            assert getattr(getattr(cfg, group), name) != getattr(getattr(base, group), name), item
-            changed = {s for s, k in _stage_keys(cfg, inputs).items() if k != keys[s]}
+            context = CONTEXT.get(f"{group}.{name}", [])
+            ref = _base(tmp, *context)
+            ref_keys = _stage_keys(ref, inputs) if context else keys
+            ref_loop_key = training_key(ref, {"manifest": "m"}) if context else loop_key
+            cfg = _base(tmp, *context, item)
+            assert getattr(getattr(cfg, group), name) != getattr(getattr(ref, group), name), item
+            changed = {s for s, k in _stage_keys(cfg, inputs).items() if k != ref_keys[s]}
             assert changed == expected_stages(group, name), item
-            assert (training_key(cfg, {"manifest": "m"}) != loop_key) == loop_key_reads(group, name), item
+            assert (training_key(cfg, {"manifest": "m"}) != ref_loop_key) == loop_key_reads(group, name), item
 
 
 def test_weights_are_keyed_by_their_content(key_env: Path) -> None:
@@ -363,9 +371,11 @@ def _model(**cfg: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
 
 
 def test_loss_is_the_weighted_sum_of_its_parts_with_the_configured_weights() -> None:
-    """``total = vt + beta (ta + pa) + gamma v`` with beta, gamma ≠ 1, and the classification term is the
-    cross-entropy of ``(S_g + S_l) / tau_cls``: the temperature applied once."""
-    _, model, images, labels = _model(variant="mpa", beta=0.3, gamma=2.5, tau_cls=0.25)
+    """``total = vt + beta (ta_weight ta + pa_weight pa) + gamma v`` with every weight ≠ 1, and the
+    classification term is the cross-entropy of ``(S_g + S_l) / tau_cls``: the temperature applied once.
+    (L_ta on the input tokens: the stand-in targets have no hard-prompt texts to re-encode.)"""
+    _, model, images, labels = _model(variant="mpa", beta=0.3, gamma=2.5, tau_cls=0.25, ta_weight=0.2,
+                                      pa_weight=0.7, align_tokens="input")
     model.train()
     out = model(images)
     parts = model.loss(out, labels)
@@ -373,7 +383,7 @@ def test_loss_is_the_weighted_sum_of_its_parts_with_the_configured_weights() -> 
     scores = out.aux["s_global"] + out.aux["s_local"]
     torch.testing.assert_close(out.logits, scores / 0.25)
     torch.testing.assert_close(parts["vt"], F.cross_entropy(scores / 0.25, labels))
-    want = parts["vt"] + 0.3 * (parts["ta"] + parts["pa"]) + 2.5 * parts["v"]
+    want = parts["vt"] + 0.3 * (0.2 * parts["ta"] + 0.7 * parts["pa"]) + 2.5 * parts["v"]
     torch.testing.assert_close(parts["total"], want)
     assert all(float(parts[k].detach()) > 0 for k in ("v", "ta", "pa"))
 
