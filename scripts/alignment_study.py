@@ -54,7 +54,7 @@ from mpafer.data.synthetic import generate_dataset
 from mpafer.describe.generate import get_descriptions
 from mpafer.model import MPAFER, MPAOutput
 from mpafer.train.diagnostics import find_warnings, no_information_values, term_gradients
-from mpafer.train.loop import WarmupCosineSchedule
+from mpafer.train.loop import learning_rate
 
 #: Named candidate readings: ``model.*`` overrides on top of the paper-literal reading (configs/readings/paper_literal.yaml).
 PAPER_LITERAL = [o.removeprefix("model.") for o in paper_literal_overrides()]
@@ -319,13 +319,14 @@ def run_train(inputs: Inputs, cfg: ModelConfig, *, epochs: int, lr: float, batch
     model = MPAFER(bb, inputs.classes, cfg, inputs.targets, inputs.prototypes)
     params = [p for _, p in model.trainable_named_parameters()]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    schedule = WarmupCosineSchedule(opt, lr, epochs, 1, 1e-5)
+    schedule = demo_config().train.model_copy(update={"lr": lr, "epochs": epochs, "batch_size": batch})
     images, labels = inputs.train
     reference = no_information_values(model)
     g = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
     for epoch in range(epochs):
-        schedule.set_epoch(epoch)
+        for group in opt.param_groups:  # the loop's lr (1 warm-up epoch at 1e-5, then cosine)
+            group["lr"] = learning_rate(schedule, epoch)
         model.train()
         order = torch.randperm(len(labels), generator=g)
         sums: dict[str, float] = {}
