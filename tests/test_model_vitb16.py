@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from model_fixtures import StandInTargets, frozen_open_clip
+from model_fixtures import frozen_open_clip, hard_prompt_targets
 
 from mpafer.config import ModelConfig
 from mpafer.model import MPAFER
@@ -26,13 +26,8 @@ def test_vit_b16_mpa_forward_on_cpu() -> None:
     """Full MPA-FER on ViT-B/16 at 224 px, batch 2 (about 1-3 s of compute on one CPU core)."""
     model, tok = frozen_open_clip("ViT-B-16")  # random init: no weights needed
     gen = torch.Generator().manual_seed(0)
-    n_prompts = 2 * len(CLASSES)
-    targets = StandInTargets(
-        class_targets=torch.nn.functional.normalize(torch.randn(len(CLASSES), 512, generator=gen), dim=-1),
-        prompt_features=torch.randn(n_prompts, 512, generator=gen),
-        prompt_labels=torch.arange(len(CLASSES)).repeat(2),
-        token_means=torch.randn(n_prompts, 512, generator=gen),
-    )
+    # Real hard prompts of this tower: the default L_ta re-encodes their texts (align_tokens=output).
+    targets = hard_prompt_targets(model, tok, CLASSES, ["raised cheeks"])
     protos = torch.randn(len(CLASSES), 512, generator=gen)
     mpa = MPAFER(StandInBackbone(model, tok), CLASSES, ModelConfig(variant="mpa"), targets, protos)
 

@@ -181,16 +181,17 @@ def curves_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
-    """Write :func:`curves_figure` as a PNG (atomically); ``None`` without rows."""
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig = curves_figure(rows)
+def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a figure of this module as a PNG, atomically, and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Write :func:`curves_figure` as a PNG (atomically); ``None`` without rows."""
+    return _save_figure(curves_figure(rows), path) if rows else None
 
 
 def _diagnosed(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -245,14 +246,7 @@ def gradients_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 def plot_gradients(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
     """Write :func:`gradients_figure` as a PNG (atomically); ``None`` without diagnosed rows."""
-    if not _diagnosed(rows):
-        return None
-    plt = _pyplot()
-    fig = gradients_figure(rows)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(gradients_figure(rows), path) if _diagnosed(rows) else None
 
 
 def diagnostics_section(final_row: Mapping[str, Any]) -> list[str]:
