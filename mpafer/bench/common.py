@@ -43,12 +43,15 @@ MEASURED_PEAK_TFLOPS: dict[str, float] = {"H100": 790.0, "H200": 790.0}
 
 @dataclass
 class SyntheticTargets:
-    """Random stand-ins for the hard-prompt text targets (``mpafer.clip.text_features.TextTargets``)."""
+    """Stand-ins for the hard-prompt text targets (``mpafer.clip.text_features.TextTargets``): synthetic
+    prompt texts encoded by the benchmark's frozen tower (the default L_ta re-encodes the texts and checks
+    them against these features), random class targets."""
 
     class_targets: torch.Tensor
     prompt_features: torch.Tensor
     prompt_labels: torch.Tensor
     token_means: torch.Tensor
+    texts: list[str]
 
 
 def class_names(n: int) -> list[str]:
@@ -81,9 +84,12 @@ def build_bench_model(cfg: Config, classes: int, attention: str, device: torch.d
                       seed: int = 0) -> tuple[Backbone, MPAFER]:
     """The frozen backbone of ``cfg.clip`` with random weights (throughput does not depend on their
     values, and none need to be downloaded) and the MPA-FER module of ``cfg.model`` for ``classes``
-    synthetic classes, with random hard-prompt targets (as many prompts per class as ``cfg`` composes) and
-    prototypes, on ``device``. ``attention``: ``fused`` or ``module`` (open_clip's blocks as they are)."""
+    synthetic classes, with synthetic hard prompts (as many per class as ``cfg`` composes, encoded by the
+    frozen tower), random class targets and prototypes, on ``device``. ``attention``: ``fused`` or
+    ``module`` (open_clip's blocks as they are)."""
     from mpafer.clip.backbone import load_backbone
+    from mpafer.clip.text_features import encode_texts, token_means
+    from mpafer.clip.tokens import tokenize_exact
     from mpafer.model import MPAFER
 
     if attention not in ATTENTION:
@@ -93,14 +99,17 @@ def build_bench_model(cfg: Config, classes: int, attention: str, device: torch.d
     backbone = load_backbone(cfg.clip.model_copy(update={"pretrained": "none", "device": device.type}))
     names = class_names(classes)
     g = torch.Generator().manual_seed(seed)
-    d, w, c = int(backbone.embed_dim), int(backbone.token_width), len(names)
+    d, c = int(backbone.embed_dim), len(names)
     grains = cfg.model.granularities
     per_class = ("coarse" in grains) + ("task" in grains) + cfg.llm.n_descriptions * ("fine" in grains)
+    texts = [f"a photo of a face showing {name}, cue {k}." for name in names for k in range(per_class)]
+    tokens = tokenize_exact(backbone.tokenizer, texts, backbone.context_length)
     targets = SyntheticTargets(
         class_targets=torch.randn(c, d, generator=g),
-        prompt_features=torch.randn(c * per_class, d, generator=g),
+        prompt_features=encode_texts(backbone, tokens),
         prompt_labels=torch.arange(c).repeat_interleave(per_class),
-        token_means=torch.randn(c * per_class, w, generator=g) * 0.02,
+        token_means=token_means(backbone, tokens),
+        texts=texts,
     )
     prototypes = torch.randn(c, d, generator=g)
     torch.manual_seed(seed)
