@@ -17,8 +17,8 @@ and returns the run's result (also written to ``run_dir/train.json``):
   ``test`` split is never read here. The **last** epoch is the result. One metrics row per epoch goes to
   ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`); it carries the
   epoch's diagnostics (each loss term and the gradient norm it puts on each prompt tensor, measured on the
-  epoch's last batch without touching the training, :mod:`mpafer.train.diagnostics`), whose warnings (a
-  dead term, a term dominating a tensor's gradient) go to the logger too.
+  epoch's last batch without touching the training, :mod:`mpafer.train.diagnostics`; under torchrun rank
+  0's shard of it), whose warnings (a dead term, a term dominating a tensor's gradient) go to the logger too.
 * Data parallel under torchrun (``WORLD_SIZE > 1``, :mod:`mpafer.train.distributed`): ``train.batch_size``
   is the global batch, each rank trains on its shard of every global batch, the prompt gradients are
   averaged over the ranks, and only rank 0 writes files.
