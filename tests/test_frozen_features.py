@@ -114,6 +114,10 @@ def test_a_run_from_features_learns_what_a_run_through_the_encoder_learns(featur
     assert b["frozen_features"] == {"used": False, "reason": "no image-features artifact was given"}
     assert a["config_key"] != b["config_key"], "the features' key is part of the run's key"
     assert a["final"]["loss"] == b["final"]["loss"] and a["final"]["train_acc"] == b["final"]["train_acc"]
+    # the epoch-end diagnostics run the features' forward too: the same batch, the same numbers
+    assert a["final"]["diag_loss"]["vt"] == pytest.approx(b["final"]["diag_loss"]["vt"], rel=1e-5)
+    assert a["final"]["grad_norm"]["vt"]["text.learner.ctx"] == pytest.approx(
+        b["final"]["grad_norm"]["vt"]["text.learner.ctx"], rel=1e-4)
     pa_, _ = load_prompts(tmp_path / "features" / "prompts.safetensors")
     pb, _ = load_prompts(tmp_path / "encoder" / "prompts.safetensors")
     torch.testing.assert_close(pa_["text.learner.ctx"], pb["text.learner.ctx"], rtol=0, atol=1e-6)

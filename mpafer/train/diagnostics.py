@@ -77,7 +77,7 @@ class TermGradients:
 
 
 def term_gradients(
-    model: nn.Module, images: Tensor, labels: Tensor, *, precision: Precision = "fp32"
+    model: nn.Module, images: Tensor, labels: Tensor, *, precision: Precision = "fp32", from_features: bool = False
 ) -> TermGradients:
     """Each loss term's value and the gradient norm its weighted contribution puts on each prompt tensor.
 
@@ -87,7 +87,8 @@ def term_gradients(
     ``torch.autograd.grad(..., retain_graph=True)``: about (1 + number of terms) backward passes, so call
     it once per epoch. It leaves the training as it was: parameters' ``.grad`` are not touched and the
     random number generators (CPU, and the CUDA device of ``images``) are restored afterwards, so a
-    stochastic layer in the forward pass cannot shift what the training draws next.
+    stochastic layer in the forward pass cannot shift what the training draws next. ``from_features``: the
+    batch is frozen image features, not images (``MPAFER.forward_features``, as the loop's step).
 
     Raises:
         ValueError: ``model`` has no trainable tensors (``zeroshot``: nothing to diagnose).
@@ -96,10 +97,11 @@ def term_gradients(
     if not named:
         raise ValueError("the model has no trainable tensors to diagnose")
     weights: dict[str, float] = dict(model.loss_weights())  # type: ignore[operator]
+    forward = model.forward_features if from_features else model
     cuda = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         with autocast(images.device, precision):
-            out = model(images)
+            out = forward(images)
         parts = model.loss(out, labels)  # type: ignore[operator]
         terms = [t for t in weights if t in parts]
         values = {t: float(parts[t].detach()) for t in terms}
@@ -268,13 +270,15 @@ def epoch_diagnostics(
     epoch: int,
     *,
     precision: Precision = "fp32",
+    from_features: bool = False,
 ) -> dict[str, Any]:
     """The diagnostic fields of epoch ``epoch``'s metrics row (see the module docstring for the format).
 
     :func:`term_gradients` on one batch, the terms' no-information values, and the warnings of
     :func:`find_warnings` over ``history`` (the run's earlier rows) followed by this epoch's row.
     """
-    fields: dict[str, Any] = term_gradients(model, images, labels, precision=precision).row()
+    fields: dict[str, Any] = term_gradients(model, images, labels, precision=precision,
+                                            from_features=from_features).row()
     fields["diag_reference"] = no_information_values(model)
     found = find_warnings([*history, {"epoch": epoch, **fields}], fields["diag_reference"])
     fields["diag_warnings"] = [w.message for w in found]

@@ -304,7 +304,7 @@ class _Trainer:
         row["images_per_s"] = round(st.seen / st.epoch_time, 2) if st.epoch_time > 0 else None
         if self.last_batch is not None and self.dist.is_main:  # once per epoch, after the epoch is timed
             row.update(epoch_diagnostics(self.model, *self.last_batch, st.history, row["epoch"],
-                                         precision=self.precision))
+                                         precision=self.precision, from_features=self.features is not None))
             self.last_batch = None
         if self.inputs.n_val and self.dist.is_main:  # rank 0 evaluates; the row is broadcast
             from mpafer.train.metrics import classification_metrics

@@ -50,7 +50,7 @@ __all__ = [
 
 #: Part of the evaluation's key: bump when an evaluation writes other files or numbers, so that earlier
 #: evaluations are redone once (``mpafer.pipeline.plan_evaluate`` keys on it too).
-EVALUATION_VERSION = "3"
+EVALUATION_VERSION = "4"
 
 #: Keys every summary.json carries (docs/DESIGN.md).
 SUMMARY_KEYS = (
