@@ -19,6 +19,7 @@ compilation (``train.compile``) and the image cache (``train.image_cache``)
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -28,7 +29,15 @@ import torch
 from mpafer.config import Config
 from mpafer.errors import ConfigError
 
+#: Held by whatever seeds or draws from torch's process-wide random generator, or flips its process-wide
+#: determinism flag: building a randomly initialised tower (:func:`mpafer.clip.backbone.load_backbone`)
+#: and a whole training run (:func:`mpafer.train.loop.train`). Threads that run such work side by side (a
+#: study's parallel Prefect tasks) would otherwise interleave their draws: the same seed would give another
+#: run, and the same "random weights" identity another tower. Re-entrant: a run builds its tower inside.
+GLOBAL_RNG_LOCK = threading.RLock()
+
 __all__ = [
+    "GLOBAL_RNG_LOCK",
     "Precision",
     "auto_on_cuda",
     "autocast",

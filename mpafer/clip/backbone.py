@@ -55,7 +55,7 @@ from mpafer.artifacts import content_key, sha256_file
 from mpafer.config import ClipConfig
 from mpafer.errors import ConfigError, WeightsError
 from mpafer.resources import MODEL_CONFIG_DIR, WEIGHTS_DIR
-from mpafer.runtime import resolve_device, resolve_precision
+from mpafer.runtime import GLOBAL_RNG_LOCK, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -641,7 +641,7 @@ def load_backbone(cfg: ClipConfig) -> Backbone:
         "force_preprocess_cfg": plan.preprocess or None,
     }
     try:
-        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        with GLOBAL_RNG_LOCK, _quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(plan.create_name, plan.pretrained, **kwargs)
             tokenizer = open_clip.get_tokenizer(plan.create_name, cache_dir=cache_dir)

@@ -47,7 +47,15 @@ from mpafer.artifacts import file_lock
 from mpafer.config import Config, TrainConfig
 from mpafer.errors import ConfigError, MpaferError
 from mpafer.model import MPAFER
-from mpafer.runtime import Precision, auto_on_cuda, autocast, compile_step, resolve_amp, train_device
+from mpafer.runtime import (
+    GLOBAL_RNG_LOCK,
+    Precision,
+    auto_on_cuda,
+    autocast,
+    compile_step,
+    resolve_amp,
+    train_device,
+)
 from mpafer.train.batches import TrainBatches, eval_loader, feature_eval_batches, train_batches
 from mpafer.train.checkpoint import CHECKPOINT_DIR, restore_rng_state, save_checkpoint
 from mpafer.train.diagnostics import epoch_diagnostics
@@ -509,7 +517,8 @@ def train(
                                       state["prompt_meta"], state["result"], keep_existing=True)
                 barrier(dist)
                 return dict(state["result"])
-            with deterministic_algorithms(device.type == "cpu"):
+            # one training run at a time per process draws from torch's global generator (GLOBAL_RNG_LOCK)
+            with GLOBAL_RNG_LOCK, deterministic_algorithms(device.type == "cpu"):
                 # Built before the run's files are written: a model that cannot be built (vpt_depth, topk,
                 # text features of another CLIP) fails here and leaves nothing that would refuse its fix.
                 trainer = _Trainer(cfg, inputs, run_dir, key, dist, progress, on_epoch)
