@@ -12,7 +12,13 @@ from model_fixtures import StandInBackbone, frozen_open_clip, hard_prompt_target
 
 from mpafer.config import ModelConfig
 from mpafer.model import MPAFER
-from mpafer.train.diagnostics import find_warnings, no_information_values, term_gradients
+from mpafer.train.diagnostics import (
+    find_warnings,
+    new_warnings,
+    no_information_values,
+    term_gradients,
+    warning_spans,
+)
 
 CLASSES = ["neutral", "happiness", "sadness", "anger"]
 CTX, VIS = "text.learner.ctx", "image.prompts"
@@ -100,6 +106,48 @@ def test_rows_without_diagnostics_are_skipped() -> None:
     assert find_warnings([{"epoch": 1, "loss": 2.0}], REFERENCE) == []
     history = [{"epoch": 1, "loss": 2.0}, *_ta_history([1.3, 1.9], [4.0, 0.1])]
     assert [w.kind for w in find_warnings(history, REFERENCE)] == ["dead", "dominant"]
+
+
+def flapping_history() -> list[dict[str, Any]]:
+    """Seven epochs: L_vt dominates the visual prompts from epoch 2 on (30x L_v); it dominates the context
+    at epochs 2-3 and 5-6 (20x L_ta) but not at 1, 4 and 7 (2x). Nothing is dead (L_ta 1.0 < 0.85 ln 7)."""
+    rows = []
+    for e in range(1, 8):
+        ta = 0.1 if e in (2, 3, 5, 6) else 1.0
+        v = 0.1 if e >= 2 else 1.0
+        rows.append({**_row(e, {"vt": 1.2, "ta": 1.0, "v": 0.5}, {"vt": {CTX: 2.0, VIS: 3.0}, "ta": {CTX: ta},
+                                                                  "v": {VIS: v}}),
+                     "diag_reference": {"vt": LN7, "ta": LN7, "v": LN7}})
+    return rows
+
+
+def test_a_warning_is_new_when_it_appears_and_again_only_after_it_clears() -> None:
+    history = flapping_history()
+    news = {row["epoch"]: [(w.tensor, w.since) for w in new_warnings(history[:i + 1])]
+            for i, row in enumerate(history)}
+    # epoch-by-epoch, find_warnings repeats the visual prompts' warning 6 times and the context's 4 times
+    assert sum(len(find_warnings(history[:i + 1], REFERENCE)) for i in range(len(history))) == 10
+    assert news == {1: [], 2: [(VIS, 2), (CTX, 2)], 3: [], 4: [], 5: [(CTX, 5)], 6: [], 7: []}
+    (back,) = new_warnings(history[:5])
+    assert back.news == "loss term vt dominates the gradient on text.learner.ctx since epoch 5: 2, 20x the next (ta 0.1)"
+    assert back.message.startswith("loss term vt dominates the gradient on text.learner.ctx at epoch 5: ")
+    # a row without diagnostics (and an empty history) has nothing new
+    assert new_warnings([*history[:3], {"epoch": 4, "loss": 2.0}]) == [] and new_warnings([]) == []
+    # the dominant run's start: epochs 5-6 for the context at epoch 6, 2-6 for the visual prompts
+    assert {w.tensor: w.since for w in find_warnings(history[:6], REFERENCE)} == {CTX: 5, VIS: 2}
+
+
+def test_warning_spans_list_each_warning_once_with_its_epochs() -> None:
+    vis, ctx = warning_spans([{"epoch": 0, "loss": 3.0}, *flapping_history()])  # an undiagnosed row is skipped
+    assert (ctx.last.tensor, vis.last.tensor) == (CTX, VIS)
+    assert ctx.spans == ((2, 3), (5, 6)) and (ctx.held, ctx.of, ctx.still) == (4, 7, False)
+    assert ctx.epochs == "epochs 2–3, 5–6 (4 of 7)" and ctx.last.epoch == 6
+    assert vis.spans == ((2, 7),) and (vis.held, vis.still) == (6, True) and vis.last.epoch == 7
+    assert vis.line == ("loss term vt dominates the gradient on image.prompts at epochs 2–7 (6 of 7), still true at "
+                        "the last epoch; at epoch 7: 3, 30x the next (v 0.1)")
+    assert ctx.line.endswith("(4 of 7); at epoch 6: 2, 20x the next (ta 0.1)")
+    assert [w.epochs for w in warning_spans(flapping_history()[:2])] == ["epoch 2 (1 of 2)"] * 2
+    assert warning_spans(flapping_history()[:1]) == [] and warning_spans([]) == []
 
 
 # ------------------------------------------------------------------------------------------- real model

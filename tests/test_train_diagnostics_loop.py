@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_diagnostics import flapping_history
 from train_fixtures import CLASSES, base_config, run_train, shared_inputs
 
+import mpafer.train.diagnostics as diagnostics
 import mpafer.train.loop as loop
 from mpafer.config import Config, build_config, paper_literal_overrides
 from mpafer.train import evaluate
@@ -109,7 +111,40 @@ def test_paper_literal_alignment_is_reported_dead(tmp_path: Path, caplog: pytest
     assert any("loss term ta is dead" in w for w in read_metrics(tmp_path / "run")[-1]["diag_warnings"])
     summary = evaluate(tmp_path / "run", shared_inputs().manifest)
     report = Path(summary["artifacts"]["report"]).read_text()
-    assert "Warnings:" in report and "- loss term ta is dead since epoch" in report
+    assert "Warnings:" in report and "- loss term ta is dead at epoch" in report
+
+
+def test_a_warning_is_logged_once_while_it_holds_and_reported_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The loop's epoch-end diagnostics measure the hand-built flapping history, one row per epoch: L_vt
+    dominating the visual prompts for 6 epochs is logged once (and once more at the end, still true), its
+    dominating the context at epochs 2-3 and 5-6 twice; the report lists each once with its epochs."""
+    hand = iter(flapping_history())
+
+    def measured(*args: object, **kwargs: object) -> diagnostics.TermGradients:
+        row = next(hand)
+        return diagnostics.TermGradients(values=row["diag_loss"], weights=dict.fromkeys(row["diag_loss"], 1.0),
+                                         grad_norms=row["grad_norm"])
+
+    monkeypatch.setattr(diagnostics, "term_gradients", measured)
+    monkeypatch.setattr(diagnostics, "no_information_values", lambda model: flapping_history()[0]["diag_reference"])
+    with caplog.at_level(logging.WARNING, logger="mpafer.train"):
+        run_train(base_config(epochs=7), shared_inputs(), tmp_path / "run")
+    logged = [r.getMessage() for r in caplog.records if "dominates" in r.getMessage()]
+    on_vis, on_ctx = f"loss term vt dominates the gradient on {VIS}", f"loss term vt dominates the gradient on {CTX}"
+    assert logged == [f"{on_vis} since epoch 2: 3, 30x the next (v 0.1)",
+                      f"{on_ctx} since epoch 2: 2, 20x the next (ta 0.1)",
+                      f"{on_ctx} since epoch 5: 2, 20x the next (ta 0.1)",
+                      f"{on_vis} at epochs 2–7 (6 of 7), still true at the last epoch; at epoch 7: 3, 30x the next "
+                      "(v 0.1)"]
+    rows = read_metrics(tmp_path / "run")
+    assert [len(r["diag_warnings"]) for r in rows] == [0, 2, 2, 1, 2, 2, 1]  # the rows keep every epoch's
+    summary = evaluate(tmp_path / "run", shared_inputs().manifest)
+    assert [(w["tensor"], w["spans"], w["still"]) for w in summary["diag_warnings"]] == [
+        (VIS, [[2, 7]], True), (CTX, [[2, 3], [5, 6]], False)]
+    report = Path(summary["artifacts"]["report"]).read_text()
+    assert [line for line in report.splitlines() if "dominates" in line] == [
+        f"- {logged[-1]}", f"- {on_ctx} at epochs 2–3, 5–6 (4 of 7); at epoch 6: 2, 20x the next (ta 0.1)"]
 
 
 def test_gradients_figure_every_line_in_a_legend_one_colour_per_term() -> None:

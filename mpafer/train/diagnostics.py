@@ -14,8 +14,11 @@ Two pure pieces (no I/O, no Prefect), meant to run once per epoch, not every ste
     other's by more than 10× — the others barely move that tensor.
 
 The training loop calls :func:`epoch_diagnostics` once per epoch, at its epoch end, on the epoch's last batch
-(rank 0; the fields join the epoch's metrics row and the warnings go to the ``mpafer.train`` logger); the
-evaluation draws the rows (``gradients.png``) and summarises the last one in ``report.md``.
+(rank 0; the fields join the epoch's metrics row). A warning is the same warning at every epoch it holds
+(:attr:`TermWarning.key`: kind, term, tensor), so the loop logs only :func:`new_warnings` (once when it appears,
+again if it clears and comes back) and, at the end, those still true; the evaluation draws the rows
+(``gradients.png``), tabulates the last one in ``report.md`` and lists each distinct warning once with the
+epochs it held (:func:`warning_spans`).
 
 Row format (JSON-ready, one per epoch in ``metrics.jsonl``): ``row["diag_loss"][term]`` = the term's
 unweighted value on the batch; ``row["grad_norm"][term][tensor]`` = the norm of the weighted term's
@@ -27,7 +30,7 @@ text context); ``row["diag_reference"][term]`` = the term's no-information value
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,10 +44,14 @@ from mpafer.runtime import Precision, autocast
 __all__ = [
     "TermGradients",
     "TermWarning",
+    "WarningSpan",
     "epoch_diagnostics",
     "find_warnings",
+    "new_warnings",
     "no_information_values",
+    "span_line",
     "term_gradients",
+    "warning_spans",
 ]
 
 #: A term is "near" its no-information value when ``value >= NEAR * reference`` (for ln 7 = 1.95: from
@@ -155,6 +162,10 @@ def no_information_values(model: nn.Module) -> dict[str, float]:
     return ref
 
 
+#: A warning's identity across epochs: kind, term, tensor (``None`` for ``dead``).
+WarningKey = tuple[str, str, str | None]
+
+
 @dataclass(frozen=True)
 class TermWarning:
     """A diagnosis of the last epoch of a history.
@@ -163,10 +174,12 @@ class TermWarning:
         kind: ``dead`` or ``dominant``.
         term: the loss term concerned (the dominating one for ``dominant``).
         epoch: the epoch the state was measured at (the history's last row).
-        since: ``dead``: first epoch of the run of dead epochs that reaches the last one; else ``epoch``.
+        since: first epoch of the unbroken run of diagnosed epochs, ending at ``epoch``, where the same
+            warning held (the same term dead; the same term dominating the same tensor).
         tensor: ``dominant``: the tensor whose gradient the term dominates.
         ratio: ``dead``: first-epoch gradient norm / last; ``dominant``: its norm / the next largest.
-        message: one line for the log and the report.
+        what: what is wrong, without epochs or numbers (``loss term vt dominates the gradient on ...``).
+        detail: the numbers at ``epoch``.
     """
 
     kind: Literal["dead", "dominant"]
@@ -175,7 +188,28 @@ class TermWarning:
     since: int
     tensor: str | None
     ratio: float
-    message: str
+    what: str
+    detail: str
+
+    @property
+    def key(self) -> WarningKey:
+        """What makes two epochs' warnings the same warning: kind, term and tensor."""
+        return (self.kind, self.term, self.tensor)
+
+    @property
+    def message(self) -> str:
+        """One line for the epoch's metrics row (``diag_warnings``): the state at ``epoch``."""
+        when = f"since epoch {self.since}" if self.kind == "dead" else f"at epoch {self.epoch}"
+        return f"{self.what} {when}: {self.detail}"
+
+    @property
+    def news(self) -> str:
+        """The log line when the warning appears: since when it holds, and its numbers."""
+        return f"{self.what} since epoch {self.since}: {self.detail}"
+
+
+def _diagnosed(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if "grad_norm" in r and "diag_loss" in r]
 
 
 def _total_norm(per_tensor: Mapping[str, float]) -> float:
@@ -194,6 +228,27 @@ def _is_dead(row: Mapping[str, Any], first: Mapping[str, Any], term: str, refere
         return False, 0.0
     ratio = n_first / n_now if n_now > 0 else math.inf
     return bool(value >= near * reference and ratio > collapse), ratio
+
+
+def _dominant(row: Mapping[str, Any], tensor: str, dominance: float) -> tuple[str, float, list[tuple[float, str]]] | None:
+    """The term dominating ``tensor``'s gradient in ``row`` (with its ratio and every term's norm, largest
+    first), or ``None``."""
+    norms = sorted(((g[tensor], term) for term, g in row.get("grad_norm", {}).items() if tensor in g), reverse=True)
+    if len(norms) < 2:
+        return None
+    (top, term), (second, _) = norms[0], norms[1]
+    ratio = top / second if second > 0 else math.inf
+    return (term, ratio, norms) if ratio > dominance else None
+
+
+def _since(rows: Sequence[Mapping[str, Any]], epoch: int, holds: Callable[[Mapping[str, Any]], bool]) -> int:
+    """The first epoch of the unbroken run of ``rows`` (the last one included) where ``holds(row)``."""
+    since = epoch
+    for row in reversed(rows[:-1]):
+        if not holds(row):
+            break
+        since = int(row.get("epoch", since))
+    return since
 
 
 def find_warnings(
@@ -220,7 +275,7 @@ def find_warnings(
         ``dead`` warnings (one per dead term, with the epoch the dead run started), then ``dominant``
         warnings (one per tensor), in a stable order.
     """
-    rows = [r for r in history if "grad_norm" in r and "diag_loss" in r]
+    rows = _diagnosed(history)
     if not rows:
         return []
     first, last = rows[0], rows[-1]
@@ -232,33 +287,112 @@ def find_warnings(
         dead, ratio = _is_dead(last, first, term, reference[term], near, collapse)
         if not dead:
             continue
-        since = epoch
-        for row in reversed(rows[:-1]):
-            if not _is_dead(row, first, term, reference[term], near, collapse)[0]:
-                break
-            since = int(row.get("epoch", since))
+        since = _since(rows, epoch, lambda r, t=term: _is_dead(r, first, t, reference[t], near, collapse)[0])
         value = float(last["diag_loss"][term])
         out.append(TermWarning(
-            "dead", term, epoch, since, None, ratio,
-            f"loss term {term} is dead since epoch {since}: {value:.3f} against its no-information value "
-            f"{reference[term]:.3f}, gradient {ratio:.0f}x smaller than at the first epoch",
+            "dead", term, epoch, since, None, ratio, f"loss term {term} is dead",
+            f"{value:.3f} against its no-information value {reference[term]:.3f}, gradient {ratio:.0f}x "
+            "smaller than at the first epoch",
         ))
     tensors = sorted({name for g in last["grad_norm"].values() for name in g})
     for tensor in tensors:
-        norms = sorted(
-            ((g[tensor], term) for term, g in last["grad_norm"].items() if tensor in g), reverse=True
-        )
-        if len(norms) < 2:
+        found = _dominant(last, tensor, dominance)
+        if found is None:
             continue
-        (top, term), (second, _) = norms[0], norms[1]
-        ratio = top / second if second > 0 else math.inf
-        if ratio > dominance:
-            others = ", ".join(f"{t} {n:.3g}" for n, t in norms[1:])
-            out.append(TermWarning(
-                "dominant", term, epoch, epoch, tensor, ratio,
-                f"loss term {term} dominates the gradient on {tensor} at epoch {epoch}: {top:.3g}, "
-                f"{ratio:.0f}x the next ({others})",
-            ))
+        term, ratio, norms = found
+        since = _since(rows, epoch, lambda r, x=tensor, t=term: (_dominant(r, x, dominance) or ("",))[0] == t)
+        others = ", ".join(f"{t} {n:.3g}" for n, t in norms[1:])
+        out.append(TermWarning(
+            "dominant", term, epoch, since, tensor, ratio, f"loss term {term} dominates the gradient on {tensor}",
+            f"{norms[0][0]:.3g}, {ratio:.0f}x the next ({others})",
+        ))
+    return out
+
+
+def _warnings_at(diagnosed: Sequence[Mapping[str, Any]], i: int) -> list[TermWarning]:
+    """:func:`find_warnings` as the loop ran it at diagnosed row ``i`` (the history up to it, its own
+    ``diag_reference``): what that row's ``diag_warnings`` says, with kinds, terms and tensors."""
+    return find_warnings(diagnosed[:i + 1], diagnosed[i].get("diag_reference") or {})
+
+
+def new_warnings(history: Sequence[Mapping[str, Any]]) -> list[TermWarning]:
+    """The warnings of the last row of ``history`` that did not hold at the diagnosed row before it.
+
+    What the loop logs at an epoch's end: a warning that holds epoch after epoch is logged once, when it
+    appears, and again only if it clears and comes back (the rows keep every epoch's warnings). Derived
+    from the history alone, so a resumed run does not repeat what its rows already held. Empty when the
+    last row has no diagnostics.
+    """
+    if not history or not _diagnosed(history[-1:]):
+        return []
+    diagnosed = _diagnosed(history)
+    before = {w.key for w in _warnings_at(diagnosed, len(diagnosed) - 2)} if len(diagnosed) > 1 else set()
+    return [w for w in _warnings_at(diagnosed, len(diagnosed) - 1) if w.key not in before]
+
+
+@dataclass(frozen=True)
+class WarningSpan:
+    """One distinct warning over a run: the diagnosed epochs it held at and its last state.
+
+    Attributes:
+        spans: the unbroken runs of diagnosed epochs it held over, ``(first, last)`` each, oldest first.
+        held: how many diagnosed epochs it held at.
+        of: how many epochs were diagnosed.
+        still: it holds at the run's last diagnosed epoch.
+        last: the warning at the last epoch it held (its numbers).
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    held: int
+    of: int
+    still: bool
+    last: TermWarning
+
+    @property
+    def epochs(self) -> str:
+        """``epochs 3–30 (28 of 30)``, ``epochs 2–3, 5–6 (4 of 6)``, ``epoch 7 (1 of 30)``."""
+        parts = [str(a) if a == b else f"{a}–{b}" for a, b in self.spans]
+        word = "epoch" if len(parts) == 1 and "–" not in parts[0] else "epochs"
+        return f"{word} {', '.join(parts)} ({self.held} of {self.of})"
+
+    @property
+    def line(self) -> str:
+        """One line for the log and the report: :func:`span_line` of :meth:`row`."""
+        return span_line(self.row())
+
+    def row(self) -> dict[str, Any]:
+        """JSON-ready, for the evaluation summary."""
+        w = self.last
+        return {"kind": w.kind, "term": w.term, "tensor": w.tensor, "spans": [list(s) for s in self.spans],
+                "held": self.held, "of": self.of, "still": self.still, "epochs": self.epochs,
+                "what": w.what, "last_epoch": w.epoch, "detail": w.detail, "ratio": w.ratio}
+
+
+def span_line(span: Mapping[str, Any]) -> str:
+    """A :meth:`WarningSpan.row` as one line: ``loss term vt dominates the gradient on image.prompts at epochs
+    3–30 (28 of 30), still true at the last epoch; at epoch 30: 0.396, 11x the next (v 0.0347)``."""
+    still = ", still true at the last epoch" if span["still"] else ""
+    return f"{span['what']} at {span['epochs']}{still}; at epoch {span['last_epoch']}: {span['detail']}"
+
+
+def warning_spans(history: Sequence[Mapping[str, Any]]) -> list[WarningSpan]:
+    """Each distinct warning (:attr:`TermWarning.key`) of a run's rows once, in the order they first
+    appeared, with the epochs it held at: what the report lists instead of every epoch's copy."""
+    diagnosed = _diagnosed(history)
+    held: dict[WarningKey, list[int]] = {}  # indices into diagnosed
+    last: dict[WarningKey, TermWarning] = {}
+    for i in range(len(diagnosed)):
+        for w in _warnings_at(diagnosed, i):
+            held.setdefault(w.key, []).append(i)
+            last[w.key] = w
+    epoch = [int(r.get("epoch", i + 1)) for i, r in enumerate(diagnosed)]
+    out = []
+    for key, idx in held.items():
+        starts = [j for k, j in enumerate(idx) if k == 0 or idx[k - 1] != j - 1]
+        ends = [j for k, j in enumerate(idx) if k == len(idx) - 1 or idx[k + 1] != j + 1]
+        out.append(WarningSpan(spans=tuple((epoch[a], epoch[b]) for a, b in zip(starts, ends, strict=True)),
+                               held=len(idx), of=len(diagnosed), still=idx[-1] == len(diagnosed) - 1,
+                               last=last[key]))
     return out
 
 

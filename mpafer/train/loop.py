@@ -18,7 +18,8 @@ and returns the run's result (also written to ``run_dir/train.json``):
   ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`); it carries the
   epoch's diagnostics (each loss term and the gradient norm it puts on each prompt tensor, measured on the
   epoch's last batch without touching the training, :mod:`mpafer.train.diagnostics`; under torchrun rank
-  0's shard of it), whose warnings (a dead term, a term dominating a tensor's gradient) go to the logger too.
+  0's shard of it), whose warnings (a dead term, a term dominating a tensor's gradient) go to the logger
+  too: each once when it appears (again only if it clears and comes back), and at the end those still true.
 * Data parallel under torchrun (``WORLD_SIZE > 1``, :mod:`mpafer.train.distributed`): ``train.batch_size``
   is the global batch, each rank trains on its shard of every global batch, the prompt gradients are
   averaged over the ranks, and only rank 0 writes files.
@@ -58,7 +59,7 @@ from mpafer.runtime import (
 )
 from mpafer.train.batches import TrainBatches, eval_loader, feature_eval_batches, train_batches
 from mpafer.train.checkpoint import CHECKPOINT_DIR, restore_rng_state, save_checkpoint
-from mpafer.train.diagnostics import epoch_diagnostics
+from mpafer.train.diagnostics import epoch_diagnostics, new_warnings, warning_spans
 from mpafer.train.distributed import (
     DistContext,
     all_reduce_gradients,
@@ -293,8 +294,8 @@ class _Trainer:
         st.history.append(row)
         if self.dist.is_main:
             log.info("%s", epoch_line(row))
-            for message in row.get("diag_warnings", []):
-                log.warning("%s", message)
+            for warning in new_warnings(st.history):  # once when it appears, not at every epoch it holds
+                log.warning("%s", warning.news)
         if self.on_epoch is not None:
             self.on_epoch(row)
         st.next_epoch()
@@ -395,6 +396,9 @@ class _Trainer:
         result = self._result()
         self._save(result)
         if self.dist.is_main:
+            for span in warning_spans(self.state.history):  # logged when they appeared, epochs ago maybe
+                if span.still:
+                    log.warning("%s", span.line)
             write_final_files(self.run_dir, self.state.history, self.model.prompt_state_dict(), self._prompt_meta(),
                               result)
         barrier(self.dist)  # the files exist when any rank returns

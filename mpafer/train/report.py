@@ -15,7 +15,8 @@ split through the prompted encoder and writes, atomically, into ``run_dir``:
   ``gradients.png`` (the per-epoch diagnostics: each loss term and the gradient norm it puts on each prompt
   tensor);
 * ``report.md``: config summary, metrics table, per-class table, the gain over zero-shot, the training
-  diagnostics of the last epoch with their warnings, the PNGs.
+  diagnostics of the last epoch and the run's warnings (each distinct one once, with the epochs it held;
+  also in the summary's ``diag_warnings``), the PNGs.
 
 The ``zeroshot`` variant runs through the same code: its "training" stores no prompts and its
 classifier is the hard-prompt class targets.
@@ -33,6 +34,7 @@ from typing import Any
 from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, content_key, sha256_file
 from mpafer.errors import DataError
 from mpafer.train.baseline import baseline_section
+from mpafer.train.diagnostics import span_line, warning_spans
 from mpafer.train.outputs import misclassified_section
 from mpafer.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PROMPTS_FILE, TRAIN_RESULT_FILE
 
@@ -50,7 +52,7 @@ __all__ = [
 
 #: Part of the evaluation's key: bump when an evaluation writes other files or numbers, so that earlier
 #: evaluations are redone once (``mpafer.pipeline.plan_evaluate`` keys on it too).
-EVALUATION_VERSION = "4"
+EVALUATION_VERSION = "5"
 
 #: Keys every summary.json carries (docs/DESIGN.md).
 SUMMARY_KEYS = (
@@ -249,9 +251,11 @@ def plot_gradients(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     return _save_figure(gradients_figure(rows), path) if _diagnosed(rows) else None
 
 
-def diagnostics_section(final_row: Mapping[str, Any]) -> list[str]:
+def diagnostics_section(final_row: Mapping[str, Any], warnings: Sequence[Mapping[str, Any]] = ()) -> list[str]:
     """The report's training diagnostics: the last epoch's loss terms and the gradient norm each puts on
-    each prompt tensor, and the warnings (empty without diagnostics)."""
+    each prompt tensor, then the run's warnings, each distinct one once with the epochs it held and its
+    numbers at the last of them (``warnings``: :meth:`WarningSpan.row` dicts, the summary's
+    ``diag_warnings``; empty without diagnostics)."""
     grads = final_row.get("grad_norm") or {}
     if not grads:
         return []
@@ -268,11 +272,10 @@ def diagnostics_section(final_row: Mapping[str, Any]) -> list[str]:
         norms = [grads.get(term, {}).get(t) for t in tensors]
         lines.append(f"| L_{term} | {values[term]:.4g} | {'–' if ref is None else f'{ref:.4g}'} | "
                      + " | ".join("–" if n is None else f"{n:.3g}" for n in norms) + " |")
-    warnings_ = final_row.get("diag_warnings") or []
-    lines += ["", "Warnings:" if warnings_ else
-              "No warnings: no term is dead (near its no-information value with a gradient 20× below its "
-              "first epoch's) and none dominates a tensor's gradient by more than 10×."]
-    lines += [f"- {w}" for w in warnings_]
+    lines += ["", "Warnings:" if warnings else
+              "No warnings: at no epoch was a term dead (near its no-information value with a gradient 20× below "
+              "its first epoch's) or dominating a tensor's gradient by more than 10×."]
+    lines += [f"- {span_line(w)}" for w in warnings]
     return lines
 
 
@@ -333,7 +336,7 @@ def render_report(summary: Mapping[str, Any], cfg_dump: Mapping[str, Any]) -> st
                      f"{summary['throughput_img_s']:.1f} |")
     lines.append(baseline_section(summary).rstrip("\n"))
     lines += per_class_lines(summary)
-    lines += diagnostics_section(summary.get("final_train") or {})
+    lines += diagnostics_section(summary.get("final_train") or {}, summary.get("diag_warnings") or [])
     timings = summary.get("timings") or {}
     if timings:
         lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
@@ -560,6 +563,7 @@ def evaluate(
         "frozen_features": {**(train_res.get("frozen_features") or {"used": False}),
                             "evaluated_from": "frozen features" if from_features else "images"},
         "final_train": train_res.get("final", {}),
+        "diag_warnings": [span.row() for span in warning_spans(rows)],
         "throughput_img_s": train_tput if train_tput is not None else (round(eval_tput, 2) if eval_tput else None),
         "throughput_kind": "train" if train_tput is not None else "eval",
         "eval_throughput_img_s": round(eval_tput, 2) if eval_tput else None,
