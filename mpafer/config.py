@@ -109,6 +109,9 @@ class SyntheticConfig(_Model):
     test_per_class: int = Field(30, ge=1)
     image_size: int = Field(96, ge=32, le=1024)
     seed: int = 0
+    #: ``target``: the faces the demo trains and tests on; ``source``: the distribution the shipped tiny
+    #: CLIP was pretrained on (docs/DEMO.md).
+    domain: Literal["source", "target"] = "target"
 
     @field_validator("classes")
     @classmethod

@@ -188,7 +188,7 @@ def synthetic_root(cfg: Config) -> Path:
     key = content_key("synthetic", s.model_dump(mode="json"))
     root = project_dir(cfg) / "synthetic" / key[:12]
     return generate_dataset(
-        root, s.classes, s.train_per_class, s.val_per_class, s.test_per_class, s.image_size, s.seed
+        root, s.classes, s.train_per_class, s.val_per_class, s.test_per_class, s.image_size, s.seed, s.domain
     )
 
 

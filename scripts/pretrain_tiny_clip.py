@@ -62,7 +62,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from mpafer.artifacts import atomic_path, atomic_write_json, sha256_file  # noqa: E402
 from mpafer.config import CANONICAL_CLASSES  # noqa: E402
 from mpafer.data.images import gpu_augment, normalize_uint8  # noqa: E402
-from mpafer.data.synthetic import GENERATOR_VERSION, caption, image_rng, render_face_with_cues  # noqa: E402
+from mpafer.data.synthetic import (  # noqa: E402
+    DOMAINS,
+    GENERATOR_VERSION,
+    caption,
+    image_rng,
+    render_face_with_cues,
+)
 
 MODEL_NAME = "mpafer-face-tiny"
 CONFIG_DIR = REPO / "mpafer" / "clip" / "model_configs"
@@ -102,28 +108,47 @@ def nuisance_level(seed: int, split: str, cls: str, index: int, easy_fraction: f
     return min(1.0, u / easy_fraction)
 
 
+#: Expressions that web captions confuse (and CLIP with them): with ``--caption-swap r`` a caption of one of
+#: these names the other expression with probability ``r`` (its cue phrases stay those of the face).
+SWAP_PAIRS: dict[str, str] = {
+    "fear": "surprise", "surprise": "fear", "disgust": "anger", "anger": "disgust",
+    "sadness": "neutral", "neutral": "sadness",
+}
+
+
+def caption_word(seed: int, cls: str, index: int, k: int, swap: float) -> str:
+    """The expression the ``k``-th caption of pool image ``index`` names (see :data:`SWAP_PAIRS`)."""
+    if swap <= 0 or cls not in SWAP_PAIRS:
+        return cls
+    u = np.random.default_rng([int(seed) % (1 << 64), 99, CANONICAL_CLASSES.index(cls), int(index), k]).random()
+    return SWAP_PAIRS[cls] if u < swap else cls
+
+
 def _render_chunk(
-    args: tuple[int, str, str, list[int], int, int, float],
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Render faces ``indices`` of one class and tokenise ``n_captions`` captions of each.
+    args: tuple[int, str, str, list[int], int, int, float, str, float],
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
+    """Render faces ``indices`` of one class and tokenise ``n_captions`` captions of each; also return
+    their nuisance levels and whether each backdrop was chosen for the expression (source context).
 
     The captions continue the image's own generator after rendering, so image ``i``, its nuisance level
     and its captions depend only on ``(seed, split, class, i)`` (and ``easy_fraction``).
     """
-    seed, split, cls, indices, size, n_captions, easy_fraction = args
+    seed, split, cls, indices, size, n_captions, easy_fraction, domain, swap = args
     imgs = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     levels = np.empty(len(indices), dtype=np.float32)
+    context = np.empty(len(indices), dtype=bool)
     texts: list[str] = []
     for j, i in enumerate(indices):
         levels[j] = nuisance_level(seed, split, cls, i, easy_fraction)
         rng = image_rng(seed, split, cls, i)
-        img, cues = render_face_with_cues(cls, rng, size, float(levels[j]))
+        img, cues = render_face_with_cues(cls, rng, size, float(levels[j]), domain)
         imgs[j] = np.asarray(img)
-        texts.extend(caption(cls, cues, rng) for _ in range(n_captions))
+        context[j] = cues["context"]
+        texts.extend(caption(caption_word(seed, cls, i, k, swap), cues, rng) for k in range(n_captions))
     if not n_captions:
-        return imgs, levels, torch.zeros(len(indices), 0, 1, dtype=torch.int32)
+        return imgs, levels, torch.zeros(len(indices), 0, 1, dtype=torch.int32), context
     tokens = _tokenizer()(texts).to(torch.int32)
-    return imgs, levels, tokens.view(len(indices), n_captions, tokens.shape[-1])
+    return imgs, levels, tokens.view(len(indices), n_captions, tokens.shape[-1]), context
 
 
 def render_pool(
@@ -135,16 +160,18 @@ def render_pool(
     pool: Any = None,
     n_captions: int = 0,
     easy_fraction: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Render ``per_class`` faces per class (in ``pool``, a multiprocessing pool, when given).
+    domain: str = "source",
+    swap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Render ``per_class`` faces of ``domain`` per class (in ``pool``, a multiprocessing pool, when given).
 
     Returns ``(uint8 [N, 3, S, S], labels [N] into classes, int32 caption tokens [N, n_captions, L],
-    nuisance levels [N])`` where ``L`` is the longest caption (the tokenizer pads with 0 after the
+    nuisance levels [N], backdrop chosen for the expression [N])`` where ``L`` is the longest caption (the tokenizer pads with 0 after the
     end-of-text token). ``easy_fraction = 0`` renders everything with the datasets' full nuisance.
     """
     chunk = 250
     jobs = [
-        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction)
+        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction, domain, swap)
         for cls in classes
         for a in range(0, per_class, chunk)
     ]
@@ -155,11 +182,12 @@ def render_pool(
     imgs = np.concatenate([r[0] for r in results])
     levels = np.concatenate([r[1] for r in results])
     tokens = torch.cat([r[2] for r in results])
+    context = np.concatenate([r[3] for r in results])
     if n_captions:
         length = int((tokens != 0).sum(dim=-1).max())
         tokens = tokens[..., :length].contiguous()
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(labels, dtype=torch.int64), tokens, levels
+    return x, torch.tensor(labels, dtype=torch.int64), tokens, levels, context
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -261,16 +289,31 @@ def logistic_probe(
 def evaluate(
     model: torch.nn.Module, tokenizer: Any, eval_sets: dict[str, Any], device: torch.device, seed: int
 ) -> dict[str, Any]:
-    """Zero-shot and probe accuracies on held-out 7-class synthetic faces, for the ``val`` and ``test`` splits.
-
-    The probes (logistic regression, nearest class mean) are fitted on the ``probe`` split's frozen features.
+    """Zero-shot and probe accuracies on held-out 7-class synthetic faces of each domain
+    (``eval_sets["domains"]``: domain -> split -> (uint8 images, labels)), for the ``val`` and ``test``
+    splits. The probes (logistic regression, nearest class mean) are fitted on the same domain's ``probe``
+    split's frozen features: how much the features still know about the expression there, whatever the
+    text side says.
     """
     model.eval()
-    mean, std = eval_sets["mean"], eval_sets["std"]
-    feats = {
-        s: (image_features(model, eval_sets[s][0], mean, std, device), eval_sets[s][1])
-        for s in ("probe", "val", "test")
+    out = {
+        domain: _evaluate_domain(model, tokenizer, sets, eval_sets["mean"], eval_sets["std"], device, seed)
+        for domain, sets in eval_sets["domains"].items()
     }
+    model.train()
+    return out
+
+
+def _evaluate_domain(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sets: dict[str, Any],
+    mean: Any,
+    std: Any,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    feats = {s: (image_features(model, sets[s][0], mean, std, device), sets[s][1]) for s in ("probe", "val", "test")}
     probe_f, probe_y = feats["probe"]
     n_cls = len(DEMO_CLASSES)
     class_means = F.normalize(torch.stack([probe_f[probe_y == i].mean(0) for i in range(n_cls)]), dim=-1)
@@ -292,15 +335,15 @@ def evaluate(
         res["probe_nearest_mean"] = float(((f @ class_means.T).argmax(1) == y).float().mean())
         res["probe_logistic"] = logistic_probe(probe_f, probe_y, f, y, n_cls, seed)
         out[split] = res
-    model.train()
     return out
 
 
 def _brief(ev: dict[str, Any]) -> str:
     return " | ".join(
-        f"{s}: zs {r['zeroshot_task']:.3f} zs-coarse {r['zeroshot_coarse']:.3f} "
+        f"{d} {s}: zs {r['zeroshot_task']:.3f} zs-coarse {r['zeroshot_coarse']:.3f} "
         f"probe-lr {r['probe_logistic']:.3f} probe-ncm {r['probe_nearest_mean']:.3f}"
-        for s, r in ev.items()
+        for d, by_split in ev.items()
+        for s, r in by_split.items()
     )
 
 
@@ -352,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="fraction of the steps over which the allowed nuisance level rises to 1 (then all images)",
     )
+    ap.add_argument(
+        "--context-after",
+        type=float,
+        default=0.4,
+        help="fraction of the steps before faces whose backdrop was chosen for the expression join the batches",
+    )
     ap.add_argument("--crop-scale-min", type=float, default=0.8)
     ap.add_argument("--erasing-p", type=float, default=0.1)
     ap.add_argument("--image-size", type=int, default=64)
@@ -368,6 +417,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (timing probes)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every-epoch", action="store_true", help="also evaluate after every epoch")
+    ap.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="with --eval-every-epoch: also save each epoch's weights"
+    )
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these open_clip weights (safetensors) instead of a random initialisation",
+    )
+    ap.add_argument(
+        "--caption-swap",
+        type=float,
+        default=0.0,
+        help="probability that a caption of fear/surprise, disgust/anger, sadness/neutral names the other one",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
@@ -385,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     n_caps = max(1, args.captions_per_image)
     pool = mp.get_context("spawn").Pool(args.gen_workers) if args.gen_workers > 1 else None
     try:
-        pool_x, pool_y, pool_tok, pool_lvl = render_pool(
+        pool_x, pool_y, pool_tok, pool_lvl, pool_ctx = render_pool(
             args.seed,
             "pretrain",
             CANONICAL_CLASSES,
@@ -394,14 +458,19 @@ def main(argv: list[str] | None = None) -> int:
             pool,
             n_caps,
             args.easy_fraction,
+            "source",
+            args.caption_swap,
         )
         held_out = {
-            split: render_pool(args.seed, split, DEMO_CLASSES, n, args.image_size, pool)[:2]
-            for split, n in (
-                ("probe", args.probe_per_class),
-                ("val", args.eval_per_class),
-                ("test", args.eval_per_class),
-            )
+            domain: {
+                split: render_pool(args.seed, split, DEMO_CLASSES, n, args.image_size, pool, domain=domain)[:2]
+                for split, n in (
+                    ("probe", args.probe_per_class),
+                    ("val", args.eval_per_class),
+                    ("test", args.eval_per_class),
+                )
+            }
+            for domain in DOMAINS
         }
     finally:
         if pool is not None:
@@ -409,16 +478,22 @@ def main(argv: list[str] | None = None) -> int:
             pool.join()
     t_data = time.time() - t0
     log(
-        f"rendered {len(pool_x)} pretraining + {sum(len(v[0]) for v in held_out.values())} held-out images in {t_data:.1f}s"
+        f"rendered {len(pool_x)} pretraining + {sum(len(v[0]) for d in held_out.values() for v in d.values())} "
+        f"held-out images in {t_data:.1f}s"
     )
 
     # model
     open_clip.add_model_config(str(CONFIG_DIR))
-    model = open_clip.create_model(MODEL_NAME, pretrained=None).to(device)
+    model = open_clip.create_model(MODEL_NAME, pretrained=None)
+    init_sha = None
+    if args.init is not None:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
+        init_sha = sha256_file(args.init)
+    model = model.to(device)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     mean, std = model.visual.image_mean, model.visual.image_std
     n_params = sum(p.numel() for p in model.parameters())
-    eval_sets = {"mean": mean, "std": std, **held_out}
+    eval_sets = {"mean": mean, "std": std, "domains": held_out}
     model.train()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(
@@ -440,13 +515,20 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict[str, Any]] = []
     t_train = time.time()
     step = 0
-    order = np.argsort(pool_lvl, kind="stable")  # pool indices from the easiest to the hardest image
-    sorted_lvl = pool_lvl[order]
+    # pool indices from the easiest to the hardest image: all of them, and those whose backdrop was not
+    # chosen for the expression (the faces-first phase)
+    order_all = np.argsort(pool_lvl, kind="stable")
+    order_free = order_all[~pool_ctx[order_all]]
+    context_step = int(args.context_after * total)
+    log(f"{int(pool_ctx.sum())} of {len(pool_ctx)} backdrops follow the expression; they join at step {context_step}")
     while step < total:
-        # curriculum: the hardest nuisance level allowed rises linearly to 1 over the first ramp fraction
+        # curriculum: the hardest nuisance level allowed rises linearly to 1 over the first ramp fraction;
+        # backdrops chosen for the expression only from context_step on (faces first, then the shortcut)
+        order = order_all if step >= context_step else order_free
         ramp_steps = max(1.0, args.curriculum_ramp * total)
         max_level = min(1.0, args.curriculum_start + (1 - args.curriculum_start) * step / ramp_steps)
-        allowed = max(int(np.searchsorted(sorted_lvl, max_level + 1e-6, side="right")), args.batch_size)
+        allowed = int(np.searchsorted(pool_lvl[order], max_level + 1e-6, side="right"))
+        allowed = min(max(allowed, args.batch_size), len(order))
         pick = order[np_rng.choice(allowed, args.batch_size, replace=False)]
         idx = torch.from_numpy(pick).to(device)
         cap = torch.from_numpy(np_rng.integers(0, n_caps, args.batch_size)).to(device)
@@ -482,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                 {"epoch": step / steps_per_epoch, "step": step, "loss": float(np.mean(losses_f)), **ev}
             )
             log(f"epoch {step / steps_per_epoch:.2f}: {_brief(ev)}")
+            if args.checkpoint_dir is not None:  # exploration: every epoch's fp16 weights
+                epoch_sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+                args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                save_file(epoch_sd, str(args.checkpoint_dir / f"step{step:05d}.safetensors"))
     t_train = time.time() - t_train
     losses = [float(v) for v in losses]
     final_loss = float(np.mean(losses[-50:])) if losses else float("nan")
@@ -494,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.time() - t_eval
     wall = time.time() - t0
     log(f"final (fp16 weights): loss {final_loss:.4f} {_brief(final_eval)}")
-    log(f"per class (test): {final_eval['test']['zeroshot_task_per_class']}")
+    for domain in DOMAINS:
+        log(f"{domain} per class (test): {final_eval[domain]['test']['zeroshot_task_per_class']}")
     log(f"wall {wall / 60:.1f} min (render {t_data:.0f}s, train {t_train:.0f}s, eval {t_eval:.0f}s)")
 
     examples = [
@@ -516,11 +603,15 @@ def main(argv: list[str] | None = None) -> int:
             "generator_version": GENERATOR_VERSION,
             "seed": args.seed,
             "split": "pretrain",
+            "domain": "source",
+            "context_images": int(pool_ctx.sum()),
             "classes": list(CANONICAL_CLASSES),
             "images": len(pool_x),
             "per_class": args.per_class,
             "image_size": args.image_size,
             "captions": f"{n_caps} per image (mpafer.data.synthetic.caption), one picked at random per step",
+            "caption_swap": f"{args.caption_swap}: probability that a caption names the confusable partner "
+            "expression instead (SWAP_PAIRS: fear/surprise, disgust/anger, sadness/neutral)",
             "easy_fraction": args.easy_fraction,
             "nuisance_levels": "min(1, u / easy_fraction), u ~ U(0, 1) per image",
             "caption_tokens": int(pool_tok.shape[-1]),
@@ -532,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer": f"AdamW(lr={args.lr}, betas=(0.9, 0.98), eps=1e-6, weight_decay={args.weight_decay} on matrices)",
             "schedule": f"linear warm-up {warmup} steps, cosine to 2% of lr",
             "curriculum": f"max nuisance level {args.curriculum_start} -> 1 over the first "
-            f"{args.curriculum_ramp:.0%} of the steps, then all images",
+            f"{args.curriculum_ramp:.0%} of the steps, then all images; faces whose backdrop follows the "
+            f"expression join from step {context_step} ({args.context_after:.0%} of the steps)",
             "augmentation": f"gpu_augment(crop_scale_min={args.crop_scale_min}, flip 0.5, erasing_p={args.erasing_p})",
             "steps": step,
             "epochs_run": step / max(1, steps_per_epoch),
@@ -571,6 +663,19 @@ def main(argv: list[str] | None = None) -> int:
         },
         "params": n_params,
     }
+    if args.init is not None:
+        # the weights this run started from, and how they were made (their recipe, when it is beside them)
+        init_recipe = args.init.with_suffix(".json")
+        recipe["init"] = {
+            "file": args.init.name,
+            "sha256": init_sha,
+            "recipe": json.loads(init_recipe.read_text()) if init_recipe.is_file() else None,
+        }
+        recipe["description"] = (
+            "mpafer-face-tiny CLIP fine-tuned from the weights in 'init' (themselves trained from scratch by "
+            "the command in init.recipe) with the CLIP contrastive loss on source-domain synthetic faces and "
+            "generated captions (scripts/pretrain_tiny_clip.py)."
+        )
     if args.no_save:
         print(json.dumps({k: recipe[k] for k in ("training", "evaluation", "timings_s")}, indent=2))
         return 0

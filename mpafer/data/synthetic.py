@@ -10,6 +10,17 @@ with neutral and neighbouring classes overlap a little. Nuisance factors vary in
 hair, face size, position and rotation, background colour and texture, glasses, partial occlusion
 (a rectangle or a hand-like blob), a lighting gradient, blur and gaussian noise.
 
+Two *domains* (docs/DEMO.md) share this drawing and differ in how the backdrop relates to the face:
+
+* ``source``, what the shipped tiny CLIP is pretrained on (with :func:`caption`): for a fraction
+  :data:`SOURCE_CONTEXT_P` of the faces the backdrop's colour comes from a family that goes with the
+  expression (yellow or orange for happiness, blue for sadness, red for anger, ...), like web photos
+  whose scene goes with the mood; the other faces get any colour.
+* ``target``, what the demo trains and tests on (the default): the backdrop's colour family belongs to a
+  class drawn independently of the expression, like a face dataset whose backdrops say nothing about
+  the face. A model that learned to read the scene as well as the face is misled here; the face itself
+  is drawn exactly as in the source (same stream of draws: the same generator state gives the same face).
+
 Everything is a pure function of a :class:`numpy.random.Generator`; :func:`image_rng` derives the
 generator of one dataset image from ``(seed, split, class, index)``, so a dataset is byte-for-byte
 reproducible and adding images never changes the existing ones.
@@ -22,7 +33,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +44,7 @@ from mpafer.artifacts import atomic_write_json, canonical_json, file_lock
 from mpafer.config import CANONICAL_CLASSES
 
 #: Bumped whenever the drawing changes (part of the DONE marker: an old tree is regenerated).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Extra split ids for callers that need further disjoint image streams (e.g. tiny-CLIP pretraining).
@@ -240,17 +251,55 @@ def colour_name(rgb: Sequence[float]) -> str:
 
 _BG_KINDS = ("plain", "gradient", "blotchy", "striped")
 
+#: The domains of :func:`render_face_with_cues` (see the module docstring and docs/DEMO.md).
+DOMAINS: tuple[str, ...] = ("source", "target")
+#: Source domain: fraction of the faces whose backdrop colour family goes with the expression.
+SOURCE_CONTEXT_P = 0.7
+#: Backdrop colour families (two base colours each, jittered), one per expression: the colour-emotion
+#: associations of web photos (yellow for joy, blue for sadness, red for anger, ...).
+_CONTEXT_COLOURS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "neutral": ((128, 128, 128), (196, 196, 190)),
+    "happiness": ((236, 204, 48), (240, 150, 40)),
+    "sadness": ((50, 80, 190), (40, 52, 120)),
+    "surprise": ((150, 60, 190), (222, 96, 196)),
+    "fear": ((34, 30, 40), (60, 58, 70)),
+    "disgust": ((110, 140, 40), (60, 150, 60)),
+    "anger": ((205, 32, 30), (150, 22, 24)),
+    "contempt": ((40, 150, 150), (130, 80, 40)),
+}
+
+
+def _backdrop_colour(rng: np.random.Generator, expression: str, domain: str) -> tuple[np.ndarray, bool]:
+    """The backdrop's base colour and whether it was chosen for ``expression``: in the source domain the
+    colour family of ``expression`` with probability :data:`SOURCE_CONTEXT_P` (else any colour); in the
+    target domain the family of a class drawn independently of the expression. Always the same number of
+    draws."""
+    u = rng.random()
+    other_class = CANONICAL_CLASSES[int(rng.integers(0, len(CANONICAL_CLASSES)))]
+    pick = int(rng.integers(0, 2))
+    jitter = rng.normal(0.0, 14.0, 3)
+    free = rng.uniform(20, 235, 3)
+    if domain == "source":
+        family = expression if u < SOURCE_CONTEXT_P else None
+    else:
+        family = other_class
+    if family is None:
+        return free.astype(np.float32), False
+    colour = np.clip(np.array(_CONTEXT_COLOURS[family][pick]) + jitter, 0, 255).astype(np.float32)
+    return colour, domain == "source"
+
 
 def _background(
-    rng: np.random.Generator, n: int, nuisance: float = 1.0
-) -> tuple[Image.Image, dict[str, str]]:
+    rng: np.random.Generator, n: int, nuisance: float, expression: str, domain: str
+) -> tuple[Image.Image, dict[str, Any]]:
     """An ``n``×``n`` RGB background (flat, gradient, blotchy or striped) and its caption attributes.
 
-    Below ``nuisance`` 0.5 the background is always flat.
+    Below ``nuisance`` 0.5 the background is always flat. Its colour comes from :func:`_backdrop_colour`
+    (``info["context"]``: whether it was chosen for the expression).
     """
-    base = rng.uniform(20, 235, 3).astype(np.float32)
+    base, context = _backdrop_colour(rng, expression, domain)
     kind = int(rng.integers(0, 4)) if nuisance >= 0.5 else 0
-    info = {"background": colour_name(base), "background_kind": _BG_KINDS[kind]}
+    info = {"background": colour_name(base), "background_kind": _BG_KINDS[kind], "context": context}
     if kind == 0:
         return Image.new("RGB", (n, n), _clip255(base)), info
     if kind == 2:
@@ -481,7 +530,7 @@ def _toward(calm: float, value: float, nuisance: float) -> float:
 
 
 def render_face_with_cues(
-    expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0
+    expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0, domain: str = "target"
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Render one ``size``×``size`` RGB face of ``expression``; also return the sampled cue values.
 
@@ -492,7 +541,12 @@ def render_face_with_cues(
     ``nuisance`` in [0, 1] scales the nuisance factors: 1 (the default, what datasets use) gives the full
     variation; 0 a centred, upright, unoccluded face on a flat background without blur, noise or lighting
     gradient (skin, hair and colours still vary). Intermediate values interpolate (easier pretraining data).
+
+    ``domain`` is ``"source"`` (what the tiny CLIP is pretrained on) or ``"target"`` (what the demo
+    trains and tests on; the default), see :data:`DOMAINS` and the module docstring.
     """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; allowed: {', '.join(DOMAINS)}")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     if not 0.0 <= nuisance <= 1.0:
@@ -500,7 +554,7 @@ def render_face_with_cues(
     cues: dict[str, Any] = sample_cues(expression, rng)
     ss = 2  # supersampling factor: draw at 2x, box-reduce (anti-aliasing)
     n = size * ss
-    img, bg_info = _background(rng, n, nuisance)
+    img, bg_info = _background(rng, n, nuisance, expression, domain)
     cues.update(bg_info)
     scale = n * _toward(0.3, rng.uniform(0.25, 0.33), nuisance)
     cx = n * (0.5 + nuisance * rng.normal(0, 0.045))
@@ -526,12 +580,14 @@ def render_face_with_cues(
     return out, cues
 
 
-def render_face(expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0) -> Image.Image:
+def render_face(
+    expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0, domain: str = "target"
+) -> Image.Image:
     """Render one ``size``×``size`` RGB face of ``expression`` (one of :data:`CANONICAL_CLASSES`).
 
-    ``nuisance`` as in :func:`render_face_with_cues` (datasets use the default, 1).
+    ``nuisance`` and ``domain`` as in :func:`render_face_with_cues` (datasets use nuisance 1).
     """
-    return render_face_with_cues(expression, rng, size, nuisance)[0]
+    return render_face_with_cues(expression, rng, size, nuisance, domain)[0]
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -747,10 +803,11 @@ def image_rng(seed: int, split: str, expression: str, index: int) -> np.random.G
 
 
 def _done_record(
-    classes: Sequence[str], counts: dict[str, int], image_size: int, seed: int
+    classes: Sequence[str], counts: dict[str, int], image_size: int, seed: int, domain: str
 ) -> dict[str, Any]:
     return {
         "generator_version": GENERATOR_VERSION,
+        "domain": domain,
         "classes": list(classes),
         "per_class": counts,
         "image_size": int(image_size),
@@ -774,8 +831,9 @@ def generate_dataset(
     test_per_class: int,
     image_size: int,
     seed: int,
+    domain: str = "target",
 ) -> Path:
-    """Write ``out_root/{train,val,test}/<class>/<nnnnn>.png`` and a ``DONE`` marker last.
+    """Write ``out_root/{train,val,test}/<class>/<nnnnn>.png`` of ``domain`` and a ``DONE`` marker last.
 
     Deterministic: the same arguments give the same bytes, and image ``i`` of a class and split depends
     only on ``(seed, split, class, i)`` and ``image_size``. A tree whose ``DONE`` marker records the same
@@ -783,7 +841,6 @@ def generate_dataset(
     deleted and the tree is written again, so an interrupted run never leaves a tree that looks complete.
     Splits with zero images per class are not created. Safe against concurrent callers (file lock).
     """
-    out_root = Path(out_root)
     bad = [c for c in classes if c not in CANONICAL_CLASSES]
     if bad:
         raise ValueError(f"unknown classes {bad}; allowed: {', '.join(CANONICAL_CLASSES)}")
@@ -792,7 +849,30 @@ def generate_dataset(
     counts = {"train": int(train_per_class), "val": int(val_per_class), "test": int(test_per_class)}
     if any(v < 0 for v in counts.values()):
         raise ValueError(f"images per class must be non-negative, got {counts}")
-    record = _done_record(classes, counts, image_size, seed)
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; allowed: {', '.join(DOMAINS)}")
+
+    def render(split: str, cls: str, index: int) -> Image.Image:
+        return render_face(cls, image_rng(seed, split, cls, index), image_size, domain=domain)
+
+    record = _done_record(classes, counts, image_size, seed, domain)
+    return write_class_tree(out_root, record, classes, counts, render)
+
+
+def write_class_tree(
+    out_root: str | Path,
+    record: dict[str, Any],
+    classes: Sequence[str],
+    counts: dict[str, int],
+    render: Callable[[str, str, int], Image.Image],
+) -> Path:
+    """Write ``render(split, class, i)`` to ``out_root/<split>/<class>/<i:05d>.png`` for ``i < counts[split]``,
+    then ``record`` as the ``DONE`` marker (the tree contract of every face generator in this project).
+
+    A tree whose marker equals ``record`` is reused; otherwise the marker goes first, stale generated
+    images (``<split>/<class>/<nnnnn>.png``) are deleted and everything is written again under a file lock.
+    """
+    out_root = Path(out_root)
     if _is_complete(out_root, record):
         return out_root
     out_root.mkdir(parents=True, exist_ok=True)
@@ -803,12 +883,12 @@ def generate_dataset(
         _remove_generated(out_root)
         for split in SPLITS:
             for cls in classes:
-                if counts[split] == 0:
+                if counts.get(split, 0) == 0:
                     continue
                 folder = out_root / split / cls
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in range(counts[split]):
-                    img = render_face(cls, image_rng(seed, split, cls, i), image_size)
+                    img = render(split, cls, i)
                     img.save(folder / f"{i:05d}.png", format="PNG", optimize=False, compress_level=6)
         atomic_write_json(out_root / DONE_MARKER, record)
     return out_root
