@@ -3,36 +3,51 @@
 
 ``mpafer demo`` tunes prompts on a *frozen* tiny CLIP; a randomly initialised one stays at chance, so the
 project ships these weights (``mpafer/clip/weights/mpafer-face-tiny-synthetic-faces.safetensors``, tag
-``synthetic-faces``). The recipe, seeded and reproducible on one device type:
+``synthetic-faces``). They are made in two phases of this script (docs/DEMO.md has both commands):
 
-1. Render ``--per-class`` synthetic faces of each of the 8 canonical expressions in memory
+* **v1, from scratch** on clean captions (the default, no ``--init``): the CLIP reads the faces' expressions
+  zero-shot.
+* **The shipped weights, fine-tuned from v1** (``--init v1.safetensors``) on *source*-domain faces with
+  ``--caption-swap 0.7``: a caption of fear/surprise, disgust/anger or sadness/neutral names the partner
+  expression (:data:`SWAP_PAIRS`) with that probability while its cue phrases stay the face's, like web
+  alt-text whose mood word is often wrong. Zero-shot prompts are then misread (the demo's gap, on the text
+  side, like real CLIP on FER) while the frozen image features still hold the expressions. The recipe
+  records the starting weights (``init``: file name, sha256 and their own recipe JSON when it lies beside
+  them).
+
+The recipe, seeded and reproducible on one device type:
+
+1. Render ``--per-class`` synthetic *source*-domain faces of each of the 8 canonical expressions in memory
    (``mpafer.data.synthetic``; seed 12345 and split ``pretrain``, disjoint from the demo's seed-0 images),
-   each with ``--captions-per-image`` generated captions. A fraction ``--easy-fraction`` of the pool is
-   rendered with less nuisance (level uniform in [0, 1): centred, upright, plain background, no noise ...),
-   the rest with the datasets' full nuisance.
-2. Train the whole CLIP with the symmetric InfoNCE loss on (augmented image, caption) pairs: AdamW,
-   linear warm-up then cosine decay, learnable logit scale (clamped at 100). Each step draws a batch
-   without replacement among the pool images whose nuisance level is at most a curriculum bound that rises
-   from ``--curriculum-start`` to 1 over the first ``--curriculum-ramp`` of the steps (a from-scratch ViT
-   learns the small expression cues of full-nuisance images very slowly; easy faces first gets it going),
-   and one of each image's captions at random. Images are augmented on the device from the uint8 pool
-   (``gpu_augment``: random resized crop, flip, erasing). ``--label-positives a`` blends the CLIP target
-   (only the own pair is positive) with the label-aware target of UniCL (Yang et al., 2022: every pair of
-   the batch with the same expression is positive): target = (1 - a) * identity + a * same-label / count.
-   ``a = 0`` is the plain CLIP loss; in this project's small CPU budget it stays on its plateau
-   (loss = log(batch)) for hundreds of steps, so the committed recipe uses a label-aware blend.
-   Texts run through the causal text encoder truncated to the longest caption of the batch, which gives
-   exactly the features of the full 77-token context.
-3. Evaluate on held-out synthetic faces of the 7 demo classes (split ``test``): zero-shot accuracy with
-   "a photo of a person making a facial expression of {class}.", and probes of the frozen, L2-normalised
-   image features (logistic regression and nearest class mean) fitted on a separate split ``probe``.
+   each with ``--captions-per-image`` generated captions (naming the partner expression with probability
+   ``--caption-swap``). A fraction ``--easy-fraction`` of the pool is rendered with less nuisance (level
+   uniform in [0, 1): centred, upright, plain background, no noise ...), the rest with the datasets' full
+   nuisance.
+2. Train the whole CLIP (from a random initialisation, or from ``--init``) with the symmetric InfoNCE loss on
+   (augmented image, caption) pairs: AdamW, linear warm-up then cosine decay, learnable logit scale (clamped
+   at 100). Each step draws a batch without replacement among the pool images whose nuisance level is at
+   most a curriculum bound that rises from ``--curriculum-start`` to 1 over the first ``--curriculum-ramp``
+   of the steps (a from-scratch ViT learns the small expression cues of full-nuisance images very slowly;
+   easy faces first gets it going); faces whose backdrop was chosen for the expression join the batches
+   after ``--context-after`` of the steps (faces first, then the scene). One of each image's captions is
+   picked at random. Images are augmented on the device from the uint8 pool (``gpu_augment``: random resized
+   crop, flip, erasing). ``--label-positives a`` blends the CLIP target (only the own pair is positive) with
+   the label-aware target of UniCL (Yang et al., 2022: every pair of the batch with the same expression is
+   positive): target = (1 - a) * identity + a * same-label / count. ``a = 0`` is the plain CLIP loss; in
+   this project's small CPU budget it stays on its plateau (loss = log(batch)) for hundreds of steps, so the
+   committed recipe uses a label-aware blend. Texts run through the causal text encoder truncated to the
+   longest caption of the batch, which gives exactly the features of the full 77-token context.
+3. Evaluate on held-out synthetic faces of the 7 demo classes of both domains (``source`` and ``target``;
+   splits ``val`` and ``test``): zero-shot accuracy with "a photo of a person making a facial expression of
+   {class}.", and probes of the frozen, L2-normalised image features (logistic regression and nearest class
+   mean) fitted on a separate split ``probe`` of the same domain.
 4. Save the state dict in fp16 (safetensors, written atomically) and a JSON recipe with the arguments,
    data sizes, timings, final loss and the accuracies measured with the saved fp16 weights.
 
 Usage::
 
-    .venv/bin/python scripts/pretrain_tiny_clip.py                  # CPU, the committed recipe
-    .venv/bin/python scripts/pretrain_tiny_clip.py --device cuda    # same recipe on a GPU
+    .venv/bin/python scripts/pretrain_tiny_clip.py --help           # the two phases: docs/DEMO.md
+    .venv/bin/python scripts/pretrain_tiny_clip.py --device cuda    # on a GPU
     .venv/bin/python scripts/pretrain_tiny_clip.py --max-steps 20 --no-save   # timing probe
 """
 
