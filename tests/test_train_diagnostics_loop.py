@@ -170,3 +170,36 @@ def test_gradients_figure_every_line_in_a_legend_one_colour_per_term() -> None:
             if "L_" in line.get_label():
                 assert line.get_color() == colours[line.get_label().split("L_")[-1]]
     assert ax_ctx.get_yscale() == "log" and "text.learner.ctx" in ax_ctx.get_title()
+
+
+def test_figures_drawn_from_parallel_threads_all_succeed(tmp_path: Path) -> None:
+    """A study evaluates runs in threads; matplotlib's text parser is not thread-safe (two log-axis layouts
+    at once raised ParseException), so every figure function holds mpafer.plotting's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mpafer.train.report import plot_gradients
+
+    rows = [{"epoch": e, "loss": 2.0, "diag_loss": {"vt": 1.0, "ta": 1.9},
+             "diag_reference": {"vt": 1.95, "ta": 1.95},
+             "grad_norm": {"vt": {CTX: 2.0 * e, VIS: 3.0}, "ta": {CTX: 4.0 / e}}} for e in range(1, 9)]
+    with ThreadPoolExecutor(6) as pool:
+        paths = list(pool.map(lambda i: plot_gradients(rows, tmp_path / f"g{i}.png"), range(24)))
+    assert all(p is not None and p.stat().st_size > 0 for p in paths)
+
+
+def test_every_figure_function_holds_the_drawing_lock() -> None:
+    from mpafer import plotting
+    from mpafer.study.table import plot_rows
+    from mpafer.train.explain import explanation_figure, plot_explanation
+    from mpafer.train.outputs import misclassified_figure, plot_misclassified
+    from mpafer.train.report import (
+        curves_figure,
+        gradients_figure,
+        plot_confusion,
+        plot_curves,
+        plot_gradients,
+    )
+
+    for fn in (plot_rows, explanation_figure, plot_explanation, misclassified_figure, plot_misclassified,
+               curves_figure, gradients_figure, plot_confusion, plot_curves, plot_gradients):
+        assert fn.__code__ is plotting.drawing(lambda: None).__code__, fn.__name__

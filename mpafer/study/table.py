@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mpafer.artifacts import atomic_path, write_parquet
+from mpafer.plotting import drawing, pyplot
 
 __all__ = ["Row", "harmonic_cells", "markdown_pivot", "markdown_rows", "plot_rows", "summarize_cells", "t_interval"]
 
@@ -163,14 +164,11 @@ def write_rows_parquet(rows: Sequence[Row], path: str | os.PathLike[str], meta: 
     return write_parquet(table, path, {"kind": "study_table", **dict(meta)})
 
 
+@drawing
 def plot_rows(rows: Sequence[Row], path: str | os.PathLike[str], title: str) -> Path:
     """Few-shot: accuracy against shots (log scale), one line per variant with its interval as error bars;
     other protocols: grouped bars per (setting, evaluation), one bar per variant, with the same error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     variants = list(dict.fromkeys(r.variant for r in rows))
     fewshot = rows and all(r.shots is not None for r in rows)
     fig, ax = plt.subplots(figsize=(8, 4.8))

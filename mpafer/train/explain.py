@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mpafer.errors import DataError, MpaferError
+from mpafer.plotting import drawing
 from mpafer.train.inference import check_finite_scores
 
 if TYPE_CHECKING:
@@ -162,6 +163,7 @@ def explain_paths(run: LoadedRun, paths: Sequence[str | os.PathLike[str]]
 
 
 # ------------------------------------------------------------------------------------------ figure
+@drawing
 def explanation_figure(expl: Explanation) -> Any:
     """The explanation as a matplotlib figure: the face, the patch heatmap with the top-k patches outlined
     (``Rectangle`` patches with gid ``top-patch``), and the score parts of the top-3 classes."""
@@ -224,6 +226,7 @@ def _short(name: str, limit: int = 90) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
+@drawing
 def plot_explanation(expl: Explanation, path: str | os.PathLike[str]) -> Path:
     """Write :func:`explanation_figure` as a PNG (atomically)."""
     from mpafer.artifacts import atomic_path

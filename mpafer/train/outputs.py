@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from mpafer.artifacts import atomic_path, write_parquet
+from mpafer.plotting import drawing
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -113,6 +114,7 @@ def misclassified_order(labels: Sequence[int], preds: Sequence[int], confidence:
     return sorted(wrong, key=lambda i: (-float(confidence[i]), i))[:cap]
 
 
+@drawing
 def misclassified_figure(tiles: Sequence[tuple[Image.Image, str, str, float, str]], n_wrong: int, n_total: int,
                          split: str) -> Any:
     """A grid of ``(image, true name, predicted name, confidence, path)`` tiles; each tile's title reads
@@ -139,6 +141,7 @@ def _short(path: str, limit: int = 32) -> str:
     return path if len(path) <= limit else "…" + path[-(limit - 1):]
 
 
+@drawing
 def plot_misclassified(path: str | os.PathLike[str], manifest: Any, split: str, labels: Sequence[int],
                        preds: Sequence[int], confidence: Sequence[float], classes: Sequence[str],
                        affectnet_crop: str = "none", cap: int = MAX_MISCLASSIFIED) -> Path | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from mpafer.artifacts import atomic_path, atomic_write_json, atomic_write_text, content_key, sha256_file
 from mpafer.errors import DataError
+from mpafer.plotting import drawing, pyplot
 from mpafer.train.baseline import baseline_section
 from mpafer.train.diagnostics import span_line, warning_spans
 from mpafer.train.outputs import misclassified_section
@@ -90,15 +91,10 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = pyplot  # the name the other figure modules import
 
 
+@drawing
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str],
                    title: str = "confusion matrix") -> Path:
     """Confusion matrix PNG: colour = row-normalised rate, text = count (rows = true class)."""
@@ -134,6 +130,7 @@ _ACCURACY_LINES = (("train_acc", "train acc", "-", "o"), ("val_acc", "val acc", 
                    ("val_mean_class_acc", "val mean-class acc", ":", "x"))
 
 
+@drawing
 def curves_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     """The training curves as a matplotlib figure: the loss and its parts per epoch (left), the accuracies
     with the learning rate on a second axis (right).
@@ -191,6 +188,7 @@ def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+@drawing
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
     """Write :func:`curves_figure` as a PNG (atomically); ``None`` without rows."""
     return _save_figure(curves_figure(rows), path) if rows else None
@@ -200,6 +198,7 @@ def _diagnosed(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in rows if r.get("grad_norm")]
 
 
+@drawing
 def gradients_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     """The per-epoch diagnostics (:mod:`mpafer.train.diagnostics`) as a matplotlib figure: each loss term
     over its no-information value (left; 1 = the term tells the classes apart no better than chance), then
@@ -246,6 +245,7 @@ def gradients_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
+@drawing
 def plot_gradients(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
     """Write :func:`gradients_figure` as a PNG (atomically); ``None`` without diagnosed rows."""
     return _save_figure(gradients_figure(rows), path) if _diagnosed(rows) else None
