@@ -14,16 +14,21 @@ autocast (``train.amp``) of the frozen encoders
 compilation (``train.compile``) and the image cache (``train.image_cache``)
     ``auto`` = on for CUDA; ``on``/``off`` as written. :func:`compile_step` applies the Inductor
     settings the MPA-FER graphs need.
+determinism
+    :func:`seed_everything` and :func:`deterministic_algorithms` set process-wide state; whoever uses
+    them holds :data:`GLOBAL_RNG_LOCK`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from mpafer.config import Config
@@ -42,10 +47,12 @@ __all__ = [
     "auto_on_cuda",
     "autocast",
     "compile_step",
+    "deterministic_algorithms",
     "inductor_workarounds",
     "resolve_amp",
     "resolve_device",
     "resolve_precision",
+    "seed_everything",
     "train_device",
 ]
 
@@ -135,3 +142,22 @@ def compile_step(fn: Callable[..., Any], mode: str = "default") -> Callable[...,
     if mode == "default":
         return torch.compile(fn)
     return torch.compile(fn, mode=mode)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's process-wide generators."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` (warn-only) for the block, restored after."""
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)

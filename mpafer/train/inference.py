@@ -1,6 +1,7 @@
 """Logits of a whole split: the class text features once, then the prompted image forward per batch.
 
-What evaluation, the per-epoch validation, prediction-style benchmarks and ``mpafer bench eval`` run.
+What evaluation, the per-epoch validation (:func:`split_accuracy`), prediction-style benchmarks and
+``mpafer bench eval`` run.
 :func:`infer_split` also keeps the score parts the forward computes anyway (``S_g``, and ``S_l`` with
 CGLA), for the evaluation's per-image table.
 """
@@ -17,9 +18,13 @@ import torch
 from mpafer.runtime import Precision, autocast
 
 if TYPE_CHECKING:
+    from mpafer.clip.image_features import ImageFeatures
+    from mpafer.config import Config
+    from mpafer.data.manifest import Manifest
     from mpafer.model import MPAFER
 
-__all__ = ["SplitOutputs", "check_finite_scores", "infer_split", "run_inference"]
+__all__ = ["SplitOutputs", "check_final_scores", "check_finite_scores", "infer_split", "run_inference",
+           "split_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,25 @@ def run_inference(
     return out.logits, out.labels, out.preds, out.seconds
 
 
+def split_accuracy(model: MPAFER, features: ImageFeatures | None, manifest: Manifest, split: str, cfg: Config,
+                   device: torch.device, precision: Precision, transform: Callable[..., Any]) -> dict[str, float]:
+    """``{"accuracy", "mean_class_accuracy"}`` of the model on ``split`` (the loop's per-epoch validation):
+    from the frozen image ``features`` when given (``MPAFER.forward_features``), else from the images
+    through ``transform`` (the test-time transform)."""
+    from mpafer.train.batches import eval_loader, feature_eval_batches
+    from mpafer.train.metrics import classification_metrics
+
+    if features is not None:
+        batches: Any = feature_eval_batches(features, manifest, split, cfg.train.eval_batch_size, device)
+        forward = model.forward_features
+    else:
+        batches = eval_loader(manifest, split, transform, cfg, device)
+        forward = None
+    _, labels, preds, _ = run_inference(model, batches, device, precision, forward)
+    m = classification_metrics(preds, labels, model.classnames)
+    return {"accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"]}
+
+
 def check_finite_scores(model: MPAFER, logits: torch.Tensor, where: str = "") -> None:
     """Raise :class:`~mpafer.errors.DivergedError` when a class score is nan or inf (``where`` says when).
 
@@ -116,3 +140,19 @@ def check_finite_scores(model: MPAFER, logits: torch.Tensor, where: str = "") ->
         f"its prompts diverged in training (largest prompt value {largest:.3g}); lower train.lr (or set "
         "train.grad_clip) and train again"
     )
+
+
+@torch.no_grad()
+def check_final_scores(model: MPAFER, image_size: int, device: torch.device, precision: Precision) -> None:
+    """The learned prompts must give finite class scores. Each step's loss, gradients and prompts were
+    finite (:class:`~mpafer.train.guard.FiniteGuard`), but prompts that grew to 1e30 stay finite while every
+    score they give is nan: one forward pass of a blank image tells (:func:`check_finite_scores`)."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, precision):
+            logits = model(blank).logits.float()
+    finally:
+        model.train(was_training)
+    check_finite_scores(model, logits, " after the last step")

@@ -3,29 +3,26 @@
 ``train(cfg, manifest_path, text_features_path, prototypes_path, run_dir)`` trains ``cfg.model.variant``
 and returns the run's result (also written to ``run_dir/train.json``):
 
-* SGD (momentum, weight decay) on the prompts only. The learning rate is a pure function of the config
-  and the epoch (:func:`learning_rate`), so nothing about it is checkpointed.
-* The forward pass and the losses are one function (:func:`make_step_fn`), compiled as one graph when
-  ``train.compile`` says so (:mod:`mpafer.runtime`); if the compiler fails at the first step, the run
-  warns and continues eagerly. Evaluation runs eagerly.
-* Deterministic on the CPU and resumable bit-identically: global seeds, deterministic algorithms
-  (warn-only), an order and augmentation that are functions of (seed, epoch, position)
-  (:mod:`mpafer.train.batches`), and a checkpoint at every epoch end and every
-  ``checkpoint_every_steps`` steps holding the rest (:mod:`mpafer.train.state`). A finished run's rerun
-  returns the stored result at once.
+* SGD (momentum, weight decay) on the prompts only; the lr is a pure function of the config and the epoch
+  (:func:`learning_rate`). The forward pass and the losses are one function (:func:`make_step_fn`), compiled
+  as one graph when ``train.compile`` says so (:mod:`mpafer.runtime`); if the compiler fails at the first
+  step, the run warns and continues eagerly. Evaluation runs eagerly.
+* Deterministic on the CPU and resumable bit-identically: global seeds and deterministic algorithms
+  (warn-only, :mod:`mpafer.runtime`), order and augmentation functions of (seed, epoch, position)
+  (:mod:`mpafer.train.batches`), and a checkpoint at every epoch end and every ``checkpoint_every_steps``
+  steps holding the rest (:mod:`mpafer.train.state`). A finished run's rerun returns its stored result.
 * The ``val`` split (when the manifest has one) is evaluated after every epoch for monitoring only; the
   ``test`` split is never read here. The **last** epoch is the result. One metrics row per epoch goes to
-  ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`); it carries the
-  epoch's diagnostics (each loss term and the gradient norm it puts on each prompt tensor, measured on the
-  epoch's last batch without touching the training, :mod:`mpafer.train.diagnostics`; under torchrun rank
-  0's shard of it), whose warnings (a dead term, a term dominating a tensor's gradient) go to the logger
-  too: each once when it appears (again only if it clears and comes back), and at the end those still true.
-* Data parallel under torchrun (``WORLD_SIZE > 1``, :mod:`mpafer.train.distributed`): ``train.batch_size``
-  is the global batch, each rank trains on its shard of every global batch, the prompt gradients are
-  averaged over the ranks, and only rank 0 writes files.
+  ``metrics.jsonl`` and to the ``mpafer.train`` logger (:mod:`mpafer.train.progress`), with the epoch's
+  diagnostics (:mod:`mpafer.train.diagnostics`: each loss term and its gradient norm on each prompt tensor, on
+  the epoch's last batch, rank 0's shard under torchrun); their warnings are logged as they appear and,
+  those still true, at the end.
+* Data parallel under torchrun (``WORLD_SIZE > 1``, :mod:`mpafer.train.distributed`): ``train.batch_size`` is
+  the global batch, each rank trains on its shard of it, the gradients are averaged over the ranks, and only
+  rank 0 writes files.
 
-Around the loop: the inputs and the run key (``inputs.py``), the batches (``batches.py``), inference
-(``inference.py``), the run folder's files (``rundir.py``) and what a checkpoint holds (``state.py``).
+Around it: ``inputs.py`` (inputs, run key), ``batches.py``, ``inference.py`` (validation, the final score
+check), ``rundir.py`` (the run folder's files, the result), ``state.py`` (what a checkpoint holds).
 """
 
 from __future__ import annotations
@@ -33,14 +30,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,10 +49,12 @@ from mpafer.runtime import (
     auto_on_cuda,
     autocast,
     compile_step,
+    deterministic_algorithms,
     resolve_amp,
+    seed_everything,
     train_device,
 )
-from mpafer.train.batches import TrainBatches, eval_loader, feature_eval_batches, train_batches
+from mpafer.train.batches import TrainBatches, train_batches
 from mpafer.train.checkpoint import CHECKPOINT_DIR, restore_rng_state, save_checkpoint
 from mpafer.train.diagnostics import epoch_diagnostics, new_warnings, warning_spans
 from mpafer.train.distributed import (
@@ -71,18 +68,15 @@ from mpafer.train.distributed import (
     env_world_size,
 )
 from mpafer.train.guard import FiniteGuard
-from mpafer.train.inference import check_finite_scores, run_inference
-from mpafer.train.inputs import RunInputs, frozen_features_record, load_inputs, training_key
+from mpafer.train.inference import check_final_scores, split_accuracy
+from mpafer.train.inputs import RunInputs, load_inputs, training_key
 from mpafer.train.progress import ProgressBar, epoch_line, log, log_trainable
 from mpafer.train.rundir import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PROMPTS_FILE,
-    RUN_FILE,
-    TRAIN_RESULT_FILE,
+    partial_result,
     prompt_metadata,
     read_run,
     start_run,
+    train_result,
     write_final_files,
     write_metrics,
 )
@@ -119,24 +113,6 @@ def make_step_fn(model: MPAFER, device: torch.device, precision: Precision, *,
         return out.logits, model.loss(out, labels)
 
     return step
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms`` (warn-only) for the block, restored after."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 class _Trainer:
@@ -201,7 +177,8 @@ class _Trainer:
                              self.tc.log_every_steps) as bar:
                 while st.epoch < self.tc.epochs and not (max_steps is not None and st.global_step >= max_steps):
                     self._train_epoch(data, bar, max_steps, on_step)
-        return self._finish(on_step) if self.state.epoch >= self.tc.epochs or not self.learns else self._partial()
+        done = self.state.epoch >= self.tc.epochs or not self.learns
+        return self._finish(on_step) if done else partial_result(self.key, self.state)
 
     def _train_epoch(self, data: TrainBatches, bar: ProgressBar, max_steps: int | None,
                      on_step: Callable[[int], None] | None) -> None:
@@ -316,17 +293,8 @@ class _Trainer:
                                          precision=self.precision, from_features=self.features is not None))
             self.last_batch = None
         if self.inputs.n_val and self.dist.is_main:  # rank 0 evaluates; the row is broadcast
-            from mpafer.train.metrics import classification_metrics
-
-            if self.features is not None:
-                batches: Any = feature_eval_batches(self.features, self.inputs.manifest, "val",
-                                                    self.tc.eval_batch_size, self.device)
-                forward = self.model.forward_features
-            else:
-                batches = eval_loader(self.inputs.manifest, "val", self.test_tf, self.cfg, self.device)
-                forward = None
-            _, labels, preds, _ = run_inference(self.model, batches, self.device, self.precision, forward)
-            m = classification_metrics(preds, labels, self.inputs.classes)
+            m = split_accuracy(self.model, self.features, self.inputs.manifest, "val", self.cfg, self.device,
+                               self.precision, self.test_tf)
             row.update(val_acc=m["accuracy"], val_mean_class_acc=m["mean_class_accuracy"])
         return row
 
@@ -391,9 +359,13 @@ class _Trainer:
         return prompt_metadata(self.cfg, self.backbone, self.inputs.classes, self.key)
 
     def _finish(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
-        if self.learns:
-            self._check_final_scores()
-        result = self._result()
+        if self.learns:  # finite steps can still leave prompts whose scores are nan
+            check_final_scores(self.model, self.backbone.image_size, self.device, self.precision)
+        if self.started is not None:
+            self.state.train_time = time.perf_counter() - self.started
+        result = train_result(self.cfg, self.inputs, self.key, self.state, trained=self.learns,
+                              trainable=self.trainable, device=self.device, precision=self.precision,
+                              compiled=self.use_compile, image_cache=self.use_cache, processes=self.dist.world_size)
         self._save(result)
         if self.dist.is_main:
             for span in warning_spans(self.state.history):  # logged when they appeared, epochs ago maybe
@@ -405,58 +377,6 @@ class _Trainer:
         if on_step is not None and self.learns:
             on_step(self.state.global_step)
         return result
-
-    @torch.no_grad()
-    def _check_final_scores(self) -> None:
-        """The learned prompts must give finite class scores. Each step's loss, gradients and prompts were
-        finite (:class:`FiniteGuard`), but prompts that grew to 1e30 stay finite while every score they give
-        is nan: one forward pass of a blank image tells (the run is then not finished, nothing is written)."""
-        size = self.backbone.image_size
-        blank = torch.zeros(1, 3, size, size, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with autocast(self.device, self.precision):
-                logits = self.model(blank).logits.float()
-        finally:
-            self.model.train(was_training)
-        check_finite_scores(self.model, logits, " after the last step")
-
-    def _result(self) -> dict[str, Any]:
-        st, trained = self.state, self.learns
-        images = sum(int(r["n_images"]) for r in st.history)
-        seconds = sum(float(r["epoch_time_s"]) for r in st.history)
-        if self.started is not None:
-            st.train_time = time.perf_counter() - self.started
-        return {
-            "completed": True,
-            "config_key": self.key,
-            "classes": list(self.inputs.classes),
-            "variant": self.cfg.model.variant,
-            "epochs": self.tc.epochs if trained else 0,
-            "global_step": st.global_step,
-            "n_train": self.inputs.n_train,
-            "n_val": self.inputs.n_val,
-            "trainable_params": sum(int(p.numel()) for p in self.params),
-            "trainable_tensors": {n: int(p.numel()) for n, p in self.trainable.items()},
-            "final": dict(st.history[-1]) if st.history else {},
-            "throughput_img_s": round(images / seconds, 2) if seconds > 0 else None,
-            "timings": {"train": round(st.train_time, 4)},
-            "device": str(self.device),
-            "amp": self.precision,
-            "compiled": self.use_compile,
-            "compile_mode": self.tc.compile_mode if self.use_compile else None,
-            "image_cache": self.use_cache,
-            "frozen_features": frozen_features_record(self.cfg, self.features),
-            "processes": self.dist.world_size,
-            "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
-                          "metrics": METRICS_FILE, "checkpoints": CHECKPOINT_DIR, "train": TRAIN_RESULT_FILE},
-        }
-
-    def _partial(self) -> dict[str, Any]:
-        st = self.state
-        return {"completed": False, "config_key": self.key, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
-                "global_step": st.global_step, "history": list(st.history)}
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -475,16 +395,15 @@ def train(
 ) -> dict[str, Any]:
     """Train the prompts of ``cfg.model.variant`` and return the run's result (see the module docstring).
 
-    Resumes from the newest valid checkpoint in ``run_dir/checkpoints``; a finished run returns its
-    stored result without loading anything else. ``image_features_path``: the frozen image features
+    Resumes from the newest valid checkpoint in ``run_dir/checkpoints``; a finished run returns its stored
+    result without loading anything else. ``image_features_path``: the frozen image features
     (:mod:`mpafer.clip.image_features`) the run trains and evaluates from when
-    :attr:`~mpafer.config.Config.reads_frozen_features` (the encoder otherwise). ``max_steps`` stops
-    (after a checkpoint) once that many optimisation steps are done and returns ``{"completed": False,
-    ...}``; ``on_step(global_step)``
-    is called after each step (and after its checkpoint, if any) — an exception raised there aborts
-    the run as a crash would. ``on_epoch(row)`` is called with each epoch's metrics row once it is logged
-    (rank 0; the same holds for its exceptions). ``progress``: the terminal progress bar (only on a
-    terminal).
+    :attr:`~mpafer.config.Config.reads_frozen_features` (the encoder otherwise). ``max_steps`` stops (after a
+    checkpoint) once that many optimisation steps are done and returns ``{"completed": False, ...}``
+    (:func:`~mpafer.train.rundir.partial_result`); ``on_step(global_step)`` is called after each step (and
+    after its checkpoint, if any) — an exception raised there aborts the run as a crash would.
+    ``on_epoch(row)`` is called with each epoch's metrics row once it is logged (rank 0; the same holds for
+    its exceptions). ``progress``: the terminal progress bar (only on a terminal).
 
     Under torchrun (``WORLD_SIZE > 1``) every process calls this: they join the process group, rank 0
     prepares the run directory and reads the checkpoint, the others receive its state, and each trains on

@@ -24,6 +24,7 @@ from mpafer.train.checkpoint import (
     list_checkpoints,
     load_latest_valid,
 )
+from mpafer.train.inputs import frozen_features_record
 from mpafer.train.progress import log
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from mpafer.clip.backbone import Backbone
     from mpafer.train.inputs import RunInputs
+    from mpafer.train.state import TrainState
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -39,10 +41,12 @@ __all__ = [
     "PROMPTS_FILE",
     "RUN_FILE",
     "TRAIN_RESULT_FILE",
+    "partial_result",
     "prompt_metadata",
     "read_run",
     "recorded_input",
     "start_run",
+    "train_result",
     "write_final_files",
     "write_metrics",
 ]
@@ -141,6 +145,45 @@ def prompt_metadata(cfg: Config, backbone: Backbone, classes: Sequence[str], key
         "clip_pretrained": cfg.clip.pretrained,
         "config_key": key,
     }
+
+
+def train_result(cfg: Config, inputs: RunInputs, key: str, state: TrainState, *, trained: bool,
+                 trainable: Mapping[str, torch.Tensor], device: torch.device, precision: str, compiled: bool,
+                 image_cache: bool, processes: int) -> dict[str, Any]:
+    """The result of a finished run (``train.json``; what :func:`mpafer.train.loop.train` returns).
+    ``trained``: the prompts were learned (else the run is its zero-shot start: 0 epochs)."""
+    images = sum(int(r["n_images"]) for r in state.history)
+    seconds = sum(float(r["epoch_time_s"]) for r in state.history)
+    return {
+        "completed": True,
+        "config_key": key,
+        "classes": list(inputs.classes),
+        "variant": cfg.model.variant,
+        "epochs": cfg.train.epochs if trained else 0,
+        "global_step": state.global_step,
+        "n_train": inputs.n_train,
+        "n_val": inputs.n_val,
+        "trainable_params": sum(int(p.numel()) for p in trainable.values()),
+        "trainable_tensors": {n: int(p.numel()) for n, p in trainable.items()},
+        "final": dict(state.history[-1]) if state.history else {},
+        "throughput_img_s": round(images / seconds, 2) if seconds > 0 else None,
+        "timings": {"train": round(state.train_time, 4)},
+        "device": str(device),
+        "amp": precision,
+        "compiled": compiled,
+        "compile_mode": cfg.train.compile_mode if compiled else None,
+        "image_cache": image_cache,
+        "frozen_features": frozen_features_record(cfg, inputs.image_features),
+        "processes": processes,
+        "artifacts": {"prompts": PROMPTS_FILE, "config": CONFIG_FILE, "run": RUN_FILE,
+                      "metrics": METRICS_FILE, "checkpoints": CHECKPOINT_DIR, "train": TRAIN_RESULT_FILE},
+    }
+
+
+def partial_result(key: str, state: TrainState) -> dict[str, Any]:
+    """Where a run stopped by ``max_steps`` stands (returned, never written)."""
+    return {"completed": False, "config_key": key, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step, "history": list(state.history)}
 
 
 def write_metrics(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> Path:
