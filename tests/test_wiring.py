@@ -485,3 +485,11 @@ def test_the_library_never_imports_the_command_line() -> None:
             if any(n == "mpafer.cli" or n.startswith("mpafer.cli.") for n in names):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_training_loop_reads_in_one_sitting() -> None:
+    """``mpafer/train/loop.py`` is the loop and nothing else (nanoGPT style): at most 450 lines. What grows
+    around it (validation, result dicts, seeding, checks) lives where docs/DEVELOPING.md says: inference.py,
+    rundir.py, runtime.py, guard.py."""
+    n = len((REPO_ROOT / "mpafer" / "train" / "loop.py").read_text(encoding="utf-8").splitlines())
+    assert n <= 450, f"mpafer/train/loop.py has {n} lines (at most 450): move a cohesive piece out of it"
