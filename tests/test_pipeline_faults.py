@@ -116,7 +116,10 @@ def test_ctrl_c_and_sigterm_say_that_a_rerun_resumes(tmp_path: Path, monkeypatch
     import mpafer.train
 
     def signalled(*args: object, **kwargs: object) -> None:
-        os.kill(os.getpid(), getattr(signal, sig))
+        # raise_signal delivers to this thread, so the handler runs before this returns; os.kill(getpid())
+        # may land on another of the process's threads (left by earlier tests), and the main thread then
+        # went on with this function's None for a few bytecodes
+        signal.raise_signal(getattr(signal, sig))
 
     monkeypatch.setattr(mpafer.train, "train", signalled)
     monkeypatch.setattr(P, "stage_manifest", signalled)

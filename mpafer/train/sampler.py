@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mpafer.runtime import GLOBAL_RNG_LOCK
+
 __all__ = [
     "EpochBatchSampler",
     "SeededTransformDataset",
@@ -130,13 +132,17 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        py_state = random.getstate()
-        torch_state = torch.get_rng_state()
-        try:
-            # CPU generator only: torch.manual_seed would also queue lazy CUDA seeding (slow, per item)
-            torch.default_generator.manual_seed(int(seed))
-            random.seed(int(seed))
-            return self.base[int(index)]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
+        # The transforms draw from the process-wide generators: hold GLOBAL_RNG_LOCK, or a thread building a
+        # random tower meanwhile (a study's parallel stages) would get a different tower, and this item
+        # different augmentation, than their seeds say.
+        with GLOBAL_RNG_LOCK:
+            py_state = random.getstate()
+            torch_state = torch.get_rng_state()
+            try:
+                # CPU generator only: torch.manual_seed would also queue lazy CUDA seeding (slow, per item)
+                torch.default_generator.manual_seed(int(seed))
+                random.seed(int(seed))
+                return self.base[int(index)]
+            finally:
+                torch.set_rng_state(torch_state)
+                random.setstate(py_state)
