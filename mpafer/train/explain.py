@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mpafer.errors import DataError, MpaferError
-from mpafer.plotting import drawing
+from mpafer.plotting import drawing, pyplot
 from mpafer.train.inference import check_finite_scores
 
 if TYPE_CHECKING:
@@ -169,9 +169,8 @@ def explanation_figure(expl: Explanation) -> Any:
     (``Rectangle`` patches with gid ``top-patch``), and the score parts of the top-3 classes."""
     from matplotlib.patches import Rectangle
 
-    from mpafer.train.report import _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     pred = expl.predicted
     cls = expl.classes[pred]
     size = expl.image.shape[0]
@@ -230,9 +229,8 @@ def _short(name: str, limit: int = 90) -> str:
 def plot_explanation(expl: Explanation, path: str | os.PathLike[str]) -> Path:
     """Write :func:`explanation_figure` as a PNG (atomically)."""
     from mpafer.artifacts import atomic_path
-    from mpafer.train.report import _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig = explanation_figure(expl)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from mpafer.artifacts import atomic_path, write_parquet
-from mpafer.plotting import drawing
+from mpafer.plotting import drawing, pyplot
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -119,9 +119,8 @@ def misclassified_figure(tiles: Sequence[tuple[Image.Image, str, str, float, str
                          split: str) -> Any:
     """A grid of ``(image, true name, predicted name, confidence, path)`` tiles; each tile's title reads
     ``true: <name>`` / ``pred: <name> (<confidence> %)``."""
-    from mpafer.train.report import _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(1, min(_GRID_COLUMNS, len(tiles)))
     rows = max(1, math.ceil(len(tiles) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.5 * rows + 0.5), squeeze=False)
@@ -148,7 +147,6 @@ def plot_misclassified(path: str | os.PathLike[str], manifest: Any, split: str, 
     """Draw the grid of :func:`misclassified_order`'s images of ``split`` (loaded as the evaluation loaded
     them) to ``path``; ``None`` (and no file) when every image was classified correctly."""
     from mpafer.data.images import ManifestDataset
-    from mpafer.train.report import _pyplot
 
     order = misclassified_order(labels, preds, confidence, cap)
     if not order:
@@ -158,7 +156,7 @@ def plot_misclassified(path: str | os.PathLike[str], manifest: Any, split: str, 
     tiles = [(dataset.load(i), classes[int(labels[i])], classes[int(preds[i])], float(confidence[i]), rel[i])
              for i in order]
     n_wrong = sum(int(y) != int(p) for y, p in zip(labels, preds, strict=True))
-    plt = _pyplot()
+    plt = pyplot()
     fig = misclassified_figure(tiles, n_wrong, len(labels), split)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

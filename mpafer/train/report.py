@@ -91,14 +91,13 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ plots
-_pyplot = pyplot  # the name the other figure modules import
 
 
 @drawing
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str],
                    title: str = "confusion matrix") -> Path:
     """Confusion matrix PNG: colour = row-normalised rate, text = count (rows = true class)."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     rates = []
     for row in confusion:
@@ -138,7 +137,7 @@ def curves_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     Every line has a legend entry, the learning rate's included, and each legend sits below its panel,
     outside the plotting area, so that it covers no line; the right panel's title names only what is drawn.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
@@ -184,7 +183,7 @@ def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write a figure of this module as a PNG, atomically, and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
@@ -207,7 +206,7 @@ def gradients_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     Every line has a legend entry below its panel, a term has one colour in every panel; rows without
     diagnostics are skipped.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     rows = _diagnosed(rows)
