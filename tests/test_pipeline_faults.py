@@ -123,6 +123,18 @@ def test_ctrl_c_and_sigterm_say_that_a_rerun_resumes(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(mpafer.train, "train", signalled)
     monkeypatch.setattr(P, "stage_manifest", signalled)
+    # Python's own SIGINT handler, as in a fresh process: a test run earlier in the session may leave another
+    # one installed (the CLI keeps a SIGINT handler that is not Python's default, as it keeps an ignored one)
+    leftover = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_and_check(tmp_path, command, code, said)
+    finally:
+        signal.signal(signal.SIGINT, leftover)
+
+
+def _interrupt_and_check(tmp_path: Path, command: str, code: int, said: str) -> None:
+    import signal
+
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if command == "train":
         argv = ["train", "--manifest", str(_file(tmp_path / "m.parquet")), "--run-dir", str(tmp_path / "run"),
