@@ -22,11 +22,12 @@ determinism
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -38,11 +39,26 @@ from mpafer.errors import ConfigError
 #: determinism flag: building a randomly initialised tower (:func:`mpafer.clip.backbone.load_backbone`)
 #: and a whole training run (:func:`mpafer.train.loop.train`). Threads that run such work side by side (a
 #: study's parallel Prefect tasks) would otherwise interleave their draws: the same seed would give another
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 #: run, and the same "random weights" identity another tower. Re-entrant: a run builds its tower inside.
 GLOBAL_RNG_LOCK = threading.RLock()
 
+
+def holding_global_rng(fn: _F) -> _F:
+    """Run ``fn`` holding :data:`GLOBAL_RNG_LOCK` (for constructors that draw their initial values from
+    torch's global generator, such as the prompts of :class:`mpafer.model.MPAFER`)."""
+
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with GLOBAL_RNG_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
 __all__ = [
     "GLOBAL_RNG_LOCK",
+    "holding_global_rng",
     "Precision",
     "auto_on_cuda",
     "autocast",

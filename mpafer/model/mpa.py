@@ -43,6 +43,7 @@ from mpafer.errors import ArtifactError, ConfigError
 from mpafer.model import losses
 from mpafer.model.text_prompts import PromptedTextEncoder
 from mpafer.model.visual_prompts import PromptedImageEncoder, check_vpt_depth
+from mpafer.runtime import holding_global_rng
 
 if TYPE_CHECKING:  # the config is only read through its attributes (duck typing)
     from mpafer.config import ModelConfig
@@ -129,6 +130,7 @@ class MPAFER(nn.Module):
         ArtifactError: targets or prototypes do not match the classes or the CLIP's widths.
     """
 
+    @holding_global_rng  # the prompts' initial values come from torch's global generator
     def __init__(
         self,
         backbone: Any,
