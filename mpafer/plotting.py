@@ -9,14 +9,13 @@ per process (they take milliseconds next to a training run).
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
+
+from mpafer.runtime import holding
 
 __all__ = ["drawing", "pyplot"]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
 #: Re-entrant: a ``plot_*`` function holds it while it calls its ``*_figure`` function.
 _LOCK = threading.RLock()
 
@@ -31,12 +30,5 @@ def pyplot() -> Any:
     return plt
 
 
-def drawing(fn: _F) -> _F:
-    """Run ``fn`` while holding the process's drawing lock."""
-
-    @functools.wraps(fn)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with _LOCK:
-            return fn(*args, **kwargs)
-
-    return locked  # type: ignore[return-value]
+#: Run a function while holding the process's drawing lock.
+drawing = holding(_LOCK)

@@ -45,19 +45,27 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 GLOBAL_RNG_LOCK = threading.RLock()
 
 
-def holding_global_rng(fn: _F) -> _F:
-    """Run ``fn`` holding :data:`GLOBAL_RNG_LOCK` (for constructors that draw their initial values from
-    torch's global generator, such as the prompts of :class:`mpafer.model.MPAFER`)."""
+def holding(lock: Any) -> Callable[[_F], _F]:
+    """Decorator: run the function while holding ``lock``."""
 
-    @functools.wraps(fn)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with GLOBAL_RNG_LOCK:
-            return fn(*args, **kwargs)
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return fn(*args, **kwargs)
 
-    return locked  # type: ignore[return-value]
+        return locked  # type: ignore[return-value]
+
+    return decorate
+
+
+#: Run a function holding :data:`GLOBAL_RNG_LOCK` (for constructors that draw their initial values from
+#: torch's global generator, such as the prompts of :class:`mpafer.model.MPAFER`).
+holding_global_rng = holding(GLOBAL_RNG_LOCK)
 
 __all__ = [
     "GLOBAL_RNG_LOCK",
+    "holding",
     "holding_global_rng",
     "Precision",
     "auto_on_cuda",
