@@ -529,6 +529,16 @@ def _toward(calm: float, value: float, nuisance: float) -> float:
     return value if nuisance >= 1.0 else calm + nuisance * (value - calm)
 
 
+def _check_render_args(domain: str, size: int, nuisance: float) -> None:
+    """The argument checks of every face renderer (this one and :mod:`mpafer.data.styled`)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; allowed: {', '.join(DOMAINS)}")
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if not 0.0 <= nuisance <= 1.0:
+        raise ValueError(f"nuisance must be in [0, 1], got {nuisance}")
+
+
 def render_face_with_cues(
     expression: str, rng: np.random.Generator, size: int, nuisance: float = 1.0, domain: str = "target"
 ) -> tuple[Image.Image, dict[str, Any]]:
@@ -545,12 +555,7 @@ def render_face_with_cues(
     ``domain`` is ``"source"`` (what the tiny CLIP is pretrained on) or ``"target"`` (what the demo
     trains and tests on; the default), see :data:`DOMAINS` and the module docstring.
     """
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; allowed: {', '.join(DOMAINS)}")
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
-    if not 0.0 <= nuisance <= 1.0:
-        raise ValueError(f"nuisance must be in [0, 1], got {nuisance}")
+    _check_render_args(domain, size, nuisance)
     cues: dict[str, Any] = sample_cues(expression, rng)
     ss = 2  # supersampling factor: draw at 2x, box-reduce (anti-aliasing)
     n = size * ss
@@ -709,7 +714,7 @@ def nuisance_phrases(cues: dict[str, Any], rng: np.random.Generator) -> list[str
     out: list[str] = []
     if "background" in cues:
         bg, kind = cues["background"], cues.get("background_kind", "plain")
-        if kind in ("striped", "blotchy", "gradient"):
+        if kind != "plain":  # every patterned backdrop (of any renderer) is named
             out.append(pick(f"on a {bg} {kind} background", f"against a {kind} {bg} background"))
         else:
             out.append(
