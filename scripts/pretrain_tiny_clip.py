@@ -139,16 +139,29 @@ def caption_word(seed: int, cls: str, index: int, k: int, swap: float) -> str:
     return SWAP_PAIRS[cls] if u < swap else cls
 
 
+def drawn_by_styled(seed: int, cls: str, index: int, styled: float) -> bool:
+    """Whether pool image ``index`` of ``cls`` is drawn by the second renderer (``mpafer.data.styled``)
+    rather than :mod:`mpafer.data.synthetic`: a draw of its own stream, so ``styled = 0`` leaves every
+    image exactly as before and a higher fraction only swaps renderers, never other images' draws."""
+    if styled <= 0:
+        return False
+    if styled >= 1:
+        return True
+    u = np.random.default_rng([int(seed) % (1 << 64), 55, CANONICAL_CLASSES.index(cls), int(index)]).random()
+    return bool(u < styled)
+
+
 def _render_chunk(
-    args: tuple[int, str, str, list[int], int, int, float, str, float],
+    args: tuple[int, str, str, list[int], int, int, float, str, float, float],
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
     """Render faces ``indices`` of one class and tokenise ``n_captions`` captions of each; also return
     their nuisance levels and whether each backdrop was chosen for the expression (source context).
 
-    The captions continue the image's own generator after rendering, so image ``i``, its nuisance level
-    and its captions depend only on ``(seed, split, class, i)`` (and ``easy_fraction``).
+    A fraction ``styled`` of the faces (:func:`drawn_by_styled`) is drawn by the second renderer. The
+    captions continue the image's own generator after rendering, so image ``i``, its nuisance level and
+    its captions depend only on ``(seed, split, class, i)`` (and ``easy_fraction``, ``styled``).
     """
-    seed, split, cls, indices, size, n_captions, easy_fraction, domain, swap = args
+    seed, split, cls, indices, size, n_captions, easy_fraction, domain, swap, styled = args
     imgs = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     levels = np.empty(len(indices), dtype=np.float32)
     context = np.empty(len(indices), dtype=bool)
@@ -156,7 +169,12 @@ def _render_chunk(
     for j, i in enumerate(indices):
         levels[j] = nuisance_level(seed, split, cls, i, easy_fraction)
         rng = image_rng(seed, split, cls, i)
-        img, cues = render_face_with_cues(cls, rng, size, float(levels[j]), domain)
+        if drawn_by_styled(seed, cls, i, styled):
+            from mpafer.data.styled import render_styled_face_with_cues
+
+            img, cues = render_styled_face_with_cues(cls, rng, size, float(levels[j]), domain)
+        else:
+            img, cues = render_face_with_cues(cls, rng, size, float(levels[j]), domain)
         imgs[j] = np.asarray(img)
         context[j] = cues["context"]
         texts.extend(caption(caption_word(seed, cls, i, k, swap), cues, rng) for k in range(n_captions))
@@ -177,6 +195,7 @@ def render_pool(
     easy_fraction: float = 0.0,
     domain: str = "source",
     swap: float = 0.0,
+    styled: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Render ``per_class`` faces of ``domain`` per class (in ``pool``, a multiprocessing pool, when given).
 
@@ -186,7 +205,7 @@ def render_pool(
     """
     chunk = 250
     jobs = [
-        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction, domain, swap)
+        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction, domain, swap, styled)
         for cls in classes
         for a in range(0, per_class, chunk)
     ]
@@ -203,6 +222,57 @@ def render_pool(
         tokens = tokens[..., :length].contiguous()
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64), tokens, levels, context
+
+
+# ------------------------------------------------------------------------------------------ style
+def style_augment(batch_uint8: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Appearance augmentation of a ``uint8 [B, 3, H, W]`` batch, per image with probability ``p``.
+
+    SimCLR-style (Chen et al., 2020) so that the image tower reads the face's shapes rather than one
+    renderer's look: a geometric jitter (zoom out to 0.7-1.0 or in to 1.15 of the size, rotation within
+    +/-12 degrees, a shift of up to 8 % of the side; the border pixels fill what comes in), then colour
+    (brightness x0.6-1.4, contrast x0.6-1.4, saturation x0-1.6, a random permutation of the RGB channels
+    with probability 0.5, grey with probability 0.2), then with probability 0.3 a Gaussian blur (sigma
+    0.3-1.2 px) and with probability 0.2 the colours posterised to 3 bits. Images not drawn (``1 - p``)
+    pass unchanged. All draws come from ``generator``. ``p = 0`` returns the batch itself.
+    """
+    from torchvision.transforms.v2 import functional as TF  # the pipeline itself does not need it
+
+    if p <= 0:
+        return batch_uint8
+    b = batch_uint8.shape[0]
+    dev = batch_uint8.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, device=dev)
+
+    chosen = torch.rand(b, generator=generator, device=dev) < p
+    zoom, angle = u(0.7, 1.15), u(-12.0, 12.0) * math.pi / 180
+    shift_x, shift_y = u(-0.16, 0.16), u(-0.16, 0.16)  # affine_grid units: 2 = the side
+    bright, contrast, sat = u(0.6, 1.4), u(0.6, 1.4), u(0.0, 1.6)
+    permute, grey = u(0, 1) < 0.5, u(0, 1) < 0.2
+    blur, sigma, poster = u(0, 1) < 0.3, u(0.3, 1.2), u(0, 1) < 0.2
+    perms = torch.stack([torch.randperm(3, generator=generator, device=dev) for _ in range(b)])
+
+    x = batch_uint8.float() / 255.0
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = (x * bright[:, None, None, None]).clamp(0, 1)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * contrast[:, None, None, None] + m).clamp(0, 1)
+    g = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    x = ((x - g) * sat[:, None, None, None] + g).clamp(0, 1)
+    x = torch.where(permute[:, None, None, None], torch.gather(x, 1, perms[:, :, None, None].expand_as(x)), x)
+    x = torch.where(grey[:, None, None, None], g.clamp(0, 1).expand_as(x), x)
+    out = (x * 255.0).round().to(torch.uint8)
+    for i in torch.nonzero(blur & chosen).flatten().tolist():
+        s = float(sigma[i])
+        out[i] = TF.gaussian_blur(out[i], kernel_size=[5, 5], sigma=[s, s])
+    for i in torch.nonzero(poster & chosen).flatten().tolist():
+        out[i] = TF.posterize(out[i], bits=3)
+    return torch.where(chosen[:, None, None, None], out, batch_uint8)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -418,6 +488,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--crop-scale-min", type=float, default=0.8)
     ap.add_argument("--erasing-p", type=float, default=0.1)
+    ap.add_argument(
+        "--styled-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the pool drawn by the second renderer (mpafer.data.styled; 0 = renderer A only)",
+    )
+    ap.add_argument(
+        "--style-p",
+        type=float,
+        default=0.0,
+        help="probability that an image gets the appearance augmentation (style_augment; 0 = none)",
+    )
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--eval-per-class", type=int, default=100, help="held-out test images per demo class")
     ap.add_argument("--probe-per-class", type=int, default=60, help="probe training images per demo class")
@@ -475,17 +557,23 @@ def main(argv: list[str] | None = None) -> int:
             args.easy_fraction,
             "source",
             args.caption_swap,
+            args.styled_fraction,
         )
+        # the 7 demo classes of each domain of renderer A, and (target-domain backdrops) of the second
+        # renderer: in-distribution for a pool that mixes it in, an unseen renderer for one that does not
+        eval_renderers = {d: (d, 0.0) for d in DOMAINS} | {"styled": ("target", 1.0)}
         held_out = {
-            domain: {
-                split: render_pool(args.seed, split, DEMO_CLASSES, n, args.image_size, pool, domain=domain)[:2]
+            name: {
+                split: render_pool(
+                    args.seed, split, DEMO_CLASSES, n, args.image_size, pool, domain=domain, styled=styled
+                )[:2]
                 for split, n in (
                     ("probe", args.probe_per_class),
                     ("val", args.eval_per_class),
                     ("test", args.eval_per_class),
                 )
             }
-            for domain in DOMAINS
+            for name, (domain, styled) in eval_renderers.items()
         }
     finally:
         if pool is not None:
@@ -548,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.from_numpy(pick).to(device)
         cap = torch.from_numpy(np_rng.integers(0, n_caps, args.batch_size)).to(device)
         tokens = pool_tok[idx, cap]
-        xb = gpu_augment(pool_x[idx], mean, std, args.crop_scale_min, args.erasing_p, gen)
+        xb = gpu_augment(style_augment(pool_x[idx], args.style_p, gen), mean, std, args.crop_scale_min, args.erasing_p, gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, warmup, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -595,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.time() - t_eval
     wall = time.time() - t0
     log(f"final (fp16 weights): loss {final_loss:.4f} {_brief(final_eval)}")
-    for domain in DOMAINS:
+    for domain in final_eval:
         log(f"{domain} per class (test): {final_eval[domain]['test']['zeroshot_task_per_class']}")
     log(f"wall {wall / 60:.1f} min (render {t_data:.0f}s, train {t_train:.0f}s, eval {t_eval:.0f}s)")
 
@@ -640,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
             "curriculum": f"max nuisance level {args.curriculum_start} -> 1 over the first "
             f"{args.curriculum_ramp:.0%} of the steps, then all images; faces whose backdrop follows the "
             f"expression join from step {context_step} ({args.context_after:.0%} of the steps)",
-            "augmentation": f"gpu_augment(crop_scale_min={args.crop_scale_min}, flip 0.5, erasing_p={args.erasing_p})",
+            "augmentation": f"gpu_augment(style_augment(p={args.style_p}), crop_scale_min={args.crop_scale_min}, "
+            f"flip 0.5, erasing_p={args.erasing_p})",
             "steps": step,
             "epochs_run": step / max(1, steps_per_epoch),
             "batch_size": args.batch_size,

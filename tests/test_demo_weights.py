@@ -194,3 +194,54 @@ def test_caption_word_never_swaps_outside_the_pairs_or_at_rate_zero(pretrain: Mo
     for cls in pretrain.SWAP_PAIRS:
         assert {word(12345, cls, i, 0, 0.0) for i in range(200)} == {cls}
         assert {word(12345, cls, i, 0, 1.0) for i in range(200)} == {pretrain.SWAP_PAIRS[cls]}
+
+
+# ------------------------------------------------------------------- appearance augmentation, renderer mix
+def _faces(n: int) -> torch.Tensor:
+    import numpy as np
+
+    imgs = [np.asarray(render_face(CLASSES[i % 7], image_rng(SEED, "val", CLASSES[i % 7], i), 32)) for i in range(n)]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_style_augment_off_returns_the_batch_and_draws_nothing(pretrain: ModuleType) -> None:
+    x = _faces(4)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert pretrain.style_augment(x, 0.0, g) is x
+    assert torch.equal(g.get_state(), before), "p = 0 must not move the generator (older recipes reproduce)"
+
+
+def test_style_augment_is_seeded_keeps_shape_and_touches_about_p_of_the_images(pretrain: ModuleType) -> None:
+    x = _faces(200)
+    out = pretrain.style_augment(x, 0.5, torch.Generator().manual_seed(3))
+    again = pretrain.style_augment(x, 0.5, torch.Generator().manual_seed(3))
+    other = pretrain.style_augment(x, 0.5, torch.Generator().manual_seed(4))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    changed = (out != x).flatten(1).any(dim=1).float().mean().item()
+    assert 0.38 < changed < 0.62, changed  # binomial sd 0.035 around 0.5
+
+
+
+def test_style_augment_keeps_a_uniform_image_uniform(pretrain: ModuleType) -> None:
+    """Geometry fills from the border and colour acts per image: a flat image stays flat (no black corners
+    from the zoom-out or rotation) though its colour may change."""
+    x = torch.full((64, 3, 24, 24), 0, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 200, 120, 40
+    out = pretrain.style_augment(x, 1.0, torch.Generator().manual_seed(1))
+    per_image_range = (out.flatten(2).amax(-1).int() - out.flatten(2).amin(-1).int()).amax().item()
+    assert per_image_range <= 1, per_image_range
+    assert (out.flatten(1).float().std(dim=0) > 5).any(), "colours must vary between images"
+
+
+def test_renderer_mix_is_a_stream_of_its_own(pretrain: ModuleType) -> None:
+    draw = pretrain.drawn_by_styled
+    assert not any(draw(12345, "fear", i, 0.0) for i in range(100))
+    assert all(draw(12345, "fear", i, 1.0) for i in range(100))
+    picks = [draw(12345, "fear", i, 0.3) for i in range(2000)]
+    assert abs(sum(picks) / 2000 - 0.3) < 0.04
+    assert picks == [draw(12345, "fear", i, 0.3) for i in range(2000)]
+    assert picks != [draw(12345, "anger", i, 0.3) for i in range(2000)]  # per class
+    # a larger fraction only adds images to the second renderer's share
+    assert all(draw(12345, "fear", i, 0.6) for i in range(2000) if picks[i])
