@@ -31,7 +31,12 @@ The recipe, seeded and reproducible on one device type:
    easy faces first gets it going); faces whose backdrop was chosen for the expression join the batches
    after ``--context-after`` of the steps (faces first, then the scene). One of each image's captions is
    picked at random. Images are augmented on the device from the uint8 pool (``gpu_augment``: random resized
-   crop, flip, erasing). ``--label-positives a`` blends the CLIP target (only the own pair is positive) with
+   crop, flip, erasing; with ``--style-p p`` first :func:`style_augment`'s geometry and colour jitter on a
+   fraction p of the images). With ``--styled-fraction f`` a fraction f of the pool is drawn by a second,
+   independent renderer (``mpafer.data.styled``: line art, flat, soft and pixel styles of the same
+   expression cues) with backdrops unrelated to the expression; every run then also reports its faces
+   (domain ``styled``) beside renderer A's. Neither is part of the shipped weights' recipe (docs/DEMO.md,
+   "Pretraining on more varied faces"). ``--label-positives a`` blends the CLIP target (only the own pair is positive) with
    the label-aware target of UniCL (Yang et al., 2022: every pair of the batch with the same expression is
    positive): target = (1 - a) * identity + a * same-label / count. ``a = 0`` is the plain CLIP loss; in
    this project's small CPU budget it stays on its plateau (loss = log(batch)) for hundreds of steps, so the
@@ -172,7 +177,10 @@ def _render_chunk(
         if drawn_by_styled(seed, cls, i, styled):
             from mpafer.data.styled import render_styled_face_with_cues
 
-            img, cues = render_styled_face_with_cues(cls, rng, size, float(levels[j]), domain)
+            # always backdrops unrelated to the expression: the scene shortcut of the source domain is
+            # renderer A's alone (with it, a pool that mixes C in learns C's backdrops, not C's faces:
+            # C's probe stayed at 0.27-0.30 over 4 epochs of a fine-tune with half the pool from C)
+            img, cues = render_styled_face_with_cues(cls, rng, size, float(levels[j]), "target")
         else:
             img, cues = render_face_with_cues(cls, rng, size, float(levels[j]), domain)
         imgs[j] = np.asarray(img)
@@ -433,8 +441,9 @@ def _brief(ev: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _argv_without_out(argv: list[str]) -> list[str]:
-    """The command line to record: ``--out`` is where this copy went, not part of the recipe."""
+def _argv_to_record(argv: list[str]) -> list[str]:
+    """The command line to record: ``--out`` is where this copy went, not part of the recipe, and ``--init``
+    is recorded by its file name (the recipe pins the file by sha256; where it lay is this machine's)."""
     out: list[str] = []
     skip = False
     for a in argv:
@@ -442,7 +451,13 @@ def _argv_without_out(argv: list[str]) -> list[str]:
             skip = False
         elif a == "--out":
             skip = True
-        elif not a.startswith("--out="):
+        elif a.startswith("--out="):
+            continue
+        elif out and out[-1] == "--init":
+            out.append(Path(a).name)
+        elif a.startswith("--init="):
+            out.append(f"--init={Path(a.split('=', 1)[1]).name}")
+        else:
             out.append(a)
     return out
 
@@ -700,8 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         "description": "mpafer-face-tiny CLIP trained from scratch with the CLIP contrastive loss on synthetic "
         "faces (mpafer.data.synthetic) paired with generated captions (scripts/pretrain_tiny_clip.py).",
         "command": "python scripts/pretrain_tiny_clip.py "
-        + " ".join(_argv_without_out(argv if argv is not None else sys.argv[1:])),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        + " ".join(_argv_to_record(argv if argv is not None else sys.argv[1:])),
+        "args": {
+            k: (v.name if k == "init" and v is not None else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "out"
+        },
         "data": {
             "generator_version": GENERATOR_VERSION,
             "seed": args.seed,

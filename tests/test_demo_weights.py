@@ -245,3 +245,25 @@ def test_renderer_mix_is_a_stream_of_its_own(pretrain: ModuleType) -> None:
     assert picks != [draw(12345, "anger", i, 0.3) for i in range(2000)]  # per class
     # a larger fraction only adds images to the second renderer's share
     assert all(draw(12345, "fear", i, 0.6) for i in range(2000) if picks[i])
+
+
+def test_recorded_command_names_no_path_of_the_machine(pretrain: ModuleType) -> None:
+    record = pretrain._argv_to_record
+    argv = ["--init", "/tmp/x/v1.safetensors", "--epochs", "2", "--out", "/tmp/y/w.safetensors", "--lr=1e-3"]
+    assert record(argv) == ["--init", "v1.safetensors", "--epochs", "2", "--lr=1e-3"]
+    assert record(["--init=/a/b/v1.safetensors", "--out=/c/w.safetensors"]) == ["--init=v1.safetensors"]
+
+
+def test_render_pool_draws_the_second_renderer_with_unrelated_backdrops(pretrain: ModuleType) -> None:
+    """``styled`` swaps the renderer of the chosen images only, and renderer C's faces never carry the
+    source domain's scene shortcut (a pool with it learned C's backdrops, not C's faces)."""
+    a_x, a_y, _, _, a_ctx = pretrain.render_pool(SEED, "val", ("fear", "happiness"), 30, 32, domain="source")
+    c_x, c_y, _, _, c_ctx = pretrain.render_pool(
+        SEED, "val", ("fear", "happiness"), 30, 32, domain="source", styled=1.0
+    )
+    m_x, _, _, _, _ = pretrain.render_pool(SEED, "val", ("fear", "happiness"), 30, 32, domain="source", styled=0.5)
+    assert torch.equal(a_y, c_y) and a_ctx.mean() > 0.4 and not c_ctx.any()
+    assert all(not torch.equal(a_x[i], c_x[i]) for i in range(len(a_x)))
+    picked = [pretrain.drawn_by_styled(SEED, cls, i, 0.5) for cls in ("fear", "happiness") for i in range(30)]
+    for i, from_c in enumerate(picked):
+        assert torch.equal(m_x[i], c_x[i] if from_c else a_x[i]), i
