@@ -157,7 +157,7 @@ def drawn_by_styled(seed: int, cls: str, index: int, styled: float) -> bool:
 
 
 def _render_chunk(
-    args: tuple[int, str, str, list[int], int, int, float, str, float, float],
+    args: tuple[int, str, str, list[int], int, int, float, str, float, float, float],
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
     """Render faces ``indices`` of one class and tokenise ``n_captions`` captions of each; also return
     their nuisance levels and whether each backdrop was chosen for the expression (source context).
@@ -166,7 +166,7 @@ def _render_chunk(
     captions continue the image's own generator after rendering, so image ``i``, its nuisance level and
     its captions depend only on ``(seed, split, class, i)`` (and ``easy_fraction``, ``styled``).
     """
-    seed, split, cls, indices, size, n_captions, easy_fraction, domain, swap, styled = args
+    seed, split, cls, indices, size, n_captions, easy_fraction, domain, swap, styled, cue_share = args
     imgs = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     levels = np.empty(len(indices), dtype=np.float32)
     context = np.empty(len(indices), dtype=bool)
@@ -185,7 +185,9 @@ def _render_chunk(
             img, cues = render_face_with_cues(cls, rng, size, float(levels[j]), domain)
         imgs[j] = np.asarray(img)
         context[j] = cues["context"]
-        texts.extend(caption(caption_word(seed, cls, i, k, swap), cues, rng) for k in range(n_captions))
+        texts.extend(
+            caption(caption_word(seed, cls, i, k, swap), cues, rng, cue_share) for k in range(n_captions)
+        )
     if not n_captions:
         return imgs, levels, torch.zeros(len(indices), 0, 1, dtype=torch.int32), context
     tokens = _tokenizer()(texts).to(torch.int32)
@@ -204,6 +206,7 @@ def render_pool(
     domain: str = "source",
     swap: float = 0.0,
     styled: float = 0.0,
+    cue_share: float = 0.7,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Render ``per_class`` faces of ``domain`` per class (in ``pool``, a multiprocessing pool, when given).
 
@@ -213,7 +216,7 @@ def render_pool(
     """
     chunk = 250
     jobs = [
-        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction, domain, swap, styled)
+        (seed, split, cls, list(range(a, min(a + chunk, per_class))), size, n_captions, easy_fraction, domain, swap, styled, cue_share)
         for cls in classes
         for a in range(0, per_class, chunk)
     ]
@@ -504,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop-scale-min", type=float, default=0.8)
     ap.add_argument("--erasing-p", type=float, default=0.1)
     ap.add_argument(
+        "--cue-captions",
+        type=float,
+        default=0.7,
+        help="fraction of the captions that name the face's cues (synthetic.caption's cue_share)",
+    )
+    ap.add_argument(
         "--styled-fraction",
         type=float,
         default=0.0,
@@ -573,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "source",
             args.caption_swap,
             args.styled_fraction,
+            args.cue_captions,
         )
         # the 7 demo classes of each domain of renderer A, and (target-domain backdrops) of the second
         # renderer: in-distribution for a pool that mixes it in, an unseen renderer for one that does not
