@@ -78,10 +78,12 @@ sys.path.insert(0, str(REPO))
 
 import open_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 from mpafer.artifacts import atomic_path, atomic_write_json, sha256_file  # noqa: E402
 from mpafer.config import CANONICAL_CLASSES  # noqa: E402
 from mpafer.data.images import gpu_augment, normalize_uint8  # noqa: E402
+from mpafer.data.styled import render_styled_face_with_cues  # noqa: E402
 from mpafer.data.synthetic import (  # noqa: E402
     DOMAINS,
     GENERATOR_VERSION,
@@ -175,8 +177,6 @@ def _render_chunk(
         levels[j] = nuisance_level(seed, split, cls, i, easy_fraction)
         rng = image_rng(seed, split, cls, i)
         if drawn_by_styled(seed, cls, i, styled):
-            from mpafer.data.styled import render_styled_face_with_cues
-
             # always backdrops unrelated to the expression: the scene shortcut of the source domain is
             # renderer A's alone (with it, a pool that mixes C in learns C's backdrops, not C's faces:
             # C's probe stayed at 0.27-0.30 over 4 epochs of a fine-tune with half the pool from C)
@@ -247,8 +247,6 @@ def style_augment(batch_uint8: torch.Tensor, p: float, generator: torch.Generato
     0.3-1.2 px) and with probability 0.2 the colours posterised to 3 bits. Images not drawn (``1 - p``)
     pass unchanged. All draws come from ``generator``. ``p = 0`` returns the batch itself.
     """
-    from torchvision.transforms.v2 import functional as TF  # the pipeline itself does not need it
-
     if p <= 0:
         return batch_uint8
     b = batch_uint8.shape[0]
