@@ -63,10 +63,24 @@ def holding(lock: Any) -> Callable[[_F], _F]:
 #: torch's global generator, such as the prompts of :class:`mpafer.model.MPAFER`).
 holding_global_rng = holding(GLOBAL_RNG_LOCK)
 
+
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """A private generator for a DataLoader that has no randomness of its own (an ordered loader).
+
+    Starting an iteration over a DataLoader draws its workers' base seed from ``loader.generator``, and
+    from torch's *global* generator when that is ``None``. An ordered loader in one thread (a study's image
+    features or prototypes) would then draw from the global generator while another thread holds
+    :data:`GLOBAL_RNG_LOCK` to build the seeded random tower, which would come out with other weights than
+    ``pretrained: none`` names (its hard-prompt features would no longer match the training's tower).
+    Every DataLoader the library builds passes ``generator=`` (``tests/test_runtime.py`` checks).
+    """
+    return torch.Generator().manual_seed(int(seed))
+
 __all__ = [
     "GLOBAL_RNG_LOCK",
     "holding",
     "holding_global_rng",
+    "loader_generator",
     "Precision",
     "auto_on_cuda",
     "autocast",

@@ -44,7 +44,7 @@ from mpafer.clip.backbone import Backbone
 from mpafer.clip.prototypes import face_crop_mode, image_artifact_meta, test_transform
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, DataError
-from mpafer.runtime import autocast, resolve_amp
+from mpafer.runtime import autocast, loader_generator, resolve_amp
 from mpafer.terminal import progress_bars, stderr_console
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def manifest_shas(manifest: Manifest, split: str) -> list[str]:
 
 def _loader(dataset: Any, keys: Sequence[Any], batch_size: int, num_workers: int, device: torch.device) -> DataLoader[Any]:
     return DataLoader(dataset, batch_size=batch_size, sampler=list(keys), num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=False)
+                      pin_memory=device.type == "cuda", drop_last=False, generator=loader_generator())
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from mpafer.artifacts import (
 from mpafer.clip.backbone import Backbone
 from mpafer.clip.text_features import fixed_list_to_tensor, meta_int, tensor_to_fixed_list
 from mpafer.errors import ArtifactError, ConfigError, DataError
-from mpafer.runtime import autocast, resolve_amp
+from mpafer.runtime import autocast, loader_generator, resolve_amp
 from mpafer.terminal import progress_bars, stderr_console
 
 #: Part of the content key; bump when the meaning of the rows changes.
@@ -105,6 +105,7 @@ def image_loader(dataset: Dataset[Any], backbone: Backbone, batch_size: int, num
         pin_memory=backbone.device.type == "cuda",
         persistent_workers=False,
         drop_last=False,
+        generator=loader_generator(),
     )
 
 

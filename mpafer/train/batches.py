@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from mpafer.config import Config, TrainConfig
 from mpafer.errors import ArtifactError
+from mpafer.runtime import loader_generator
 from mpafer.train.distributed import DistContext, shard_bounds
 from mpafer.train.sampler import EpochBatchSampler, SeededTransformDataset, derive_seed
 
@@ -251,4 +252,4 @@ def eval_loader(manifest: ManifestLike, split: str, transform: Callable[..., Any
     ds = ManifestDataset(manifest, split, transform, affectnet_crop=cfg.data.affectnet_crop)
     return DataLoader(ds, batch_size=batch_size or cfg.train.eval_batch_size, shuffle=False,
                       num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=seed_worker)
+                      worker_init_fn=seed_worker, generator=loader_generator())
