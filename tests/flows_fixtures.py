@@ -40,6 +40,11 @@ TINY_OVERRIDES = (
     "train.epochs=1",
     "train.batch_size=4",
     "train.eval_batch_size=16",
+    # the demo learns one context per class; the tiny pipeline keeps the method's shared context (what
+    # base-to-novel and cross-dataset need) and the sizes the tests were written for
+    "model.class_specific_ctx=false",
+    "model.n_visual_tokens=4",
+    "train.lr=0.03",
     "pipeline.name=tiny",
 )
 

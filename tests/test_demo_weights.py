@@ -1,5 +1,5 @@
 """The committed tiny CLIP that carries the demo (docs/DEMO.md): it is present and small, its recipe says how
-it was made (fine-tuned from recorded weights on source faces whose captions confuse paired expressions),
+it was made (three recorded phases, the last on source faces whose captions confuse paired expressions),
 it loads through the real backbone code, its text side is misled on the demo's *target* faces (the gap the
 demo exists to show), and its frozen image features still hold the target's expressions (what prompt
 learning recovers). A random tiny CLIP stays at chance. The caption noise of the pretraining script is
@@ -95,17 +95,24 @@ def test_weights_and_recipe_are_committed_and_small(recipe: dict[str, Any]) -> N
 
 
 def test_recipe_records_the_fine_tune_and_its_starting_weights(recipe: dict[str, Any]) -> None:
-    """The shipped weights are the v1 weights fine-tuned with caption noise: both are in the recipe."""
+    """Three recorded phases: v1 from scratch on renderer A with clean captions, then a clean-caption phase on
+    a varied pool (renderer C, appearance augmentation), then the caption-noise fine-tune on that pool."""
     init = recipe["init"]
     assert len(init["sha256"]) == 64 and int(init["sha256"], 16) >= 0
     assert init["sha256"] != recipe["weights"]["sha256"]
     assert f"--init {init['file']}" in recipe["command"]
     assert recipe["args"]["caption_swap"] == 0.7 and "--caption-swap 0.7" in recipe["command"]
     assert recipe["data"]["caption_swap"].startswith("0.7:")
-    # the starting weights' own recipe: trained from scratch, and they did read source expressions
-    v1 = init["recipe"]
+    assert recipe["args"]["cue_captions"] == 0.2 and recipe["args"]["styled_fraction"] == 0.5
+    # the starting weights' own recipe: the varied pool, clean captions, itself started from v1
+    varied = init["recipe"]
+    assert varied["weights"]["sha256"] == init["sha256"]
+    assert varied["args"]["caption_swap"] == 0.0 and varied["args"]["styled_fraction"] == 0.5
+    assert varied["args"]["style_p"] > 0
+    v1 = varied["init"]["recipe"]
+    assert f"--init {varied['init']['file']}" in varied["command"]
     assert "--init" not in v1["command"] and "init" not in v1
-    assert v1["weights"]["sha256"] == init["sha256"]
+    assert v1["weights"]["sha256"] == varied["init"]["sha256"]
     assert v1["evaluation"]["final_fp16"]["test"]["zeroshot_task"] >= 0.7
 
 
