@@ -3,12 +3,14 @@
 
 ``mpafer demo`` tunes prompts on a *frozen* tiny CLIP; a randomly initialised one stays at chance, so the
 project ships these weights (``mpafer/clip/weights/mpafer-face-tiny-synthetic-faces.safetensors``, tag
-``synthetic-faces``). They are made in two phases of this script (docs/DEMO.md has both commands):
+``synthetic-faces``). They are made in three phases of this script (docs/DEMO.md has the commands):
 
 * **v1, from scratch** on clean captions (the default, no ``--init``): the CLIP reads the faces' expressions
   zero-shot.
-* **The shipped weights, fine-tuned from v1** (``--init v1.safetensors``) on *source*-domain faces with
-  ``--caption-swap 0.7``: a caption of fear/surprise, disgust/anger or sadness/neutral names the partner
+* **The varied phase, from v1** (``--init v1.safetensors --styled-fraction 0.5 --style-p 0.8``), still on
+  clean captions: half the pool drawn by a second renderer, appearance augmentation on most of each batch.
+* **The shipped weights, fine-tuned from the varied phase** on *source*-domain faces with
+  ``--caption-swap 0.7 --cue-captions 0.2``: a caption of fear/surprise, disgust/anger or sadness/neutral names the partner
   expression (:data:`SWAP_PAIRS`) with that probability while its cue phrases stay the face's, like web
   alt-text whose mood word is often wrong. Zero-shot prompts are then misread (the demo's gap, on the text
   side, like real CLIP on FER) while the frozen image features still hold the expressions. The recipe
@@ -35,8 +37,8 @@ The recipe, seeded and reproducible on one device type:
    fraction p of the images). With ``--styled-fraction f`` a fraction f of the pool is drawn by a second,
    independent renderer (``mpafer.data.styled``: line art, flat, soft and pixel styles of the same
    expression cues) with backdrops unrelated to the expression; every run then also reports its faces
-   (domain ``styled``) beside renderer A's. Neither is part of the shipped weights' recipe (docs/DEMO.md,
-   "Pretraining on more varied faces"). ``--label-positives a`` blends the CLIP target (only the own pair is positive) with
+   (domain ``styled``) beside renderer A's. The shipped weights' last two phases use both (docs/DEMO.md,
+   "How the weights and the recipe were chosen"). ``--label-positives a`` blends the CLIP target (only the own pair is positive) with
    the label-aware target of UniCL (Yang et al., 2022: every pair of the batch with the same expression is
    positive): target = (1 - a) * identity + a * same-label / count. ``a = 0`` is the plain CLIP loss; in
    this project's small CPU budget it stays on its plateau (loss = log(batch)) for hundreds of steps, so the
@@ -51,7 +53,7 @@ The recipe, seeded and reproducible on one device type:
 
 Usage::
 
-    .venv/bin/python scripts/pretrain_tiny_clip.py --help           # the two phases: docs/DEMO.md
+    .venv/bin/python scripts/pretrain_tiny_clip.py --help           # the three phases: docs/DEMO.md
     .venv/bin/python scripts/pretrain_tiny_clip.py --device cuda    # on a GPU
     .venv/bin/python scripts/pretrain_tiny_clip.py --max-steps 20 --no-save   # timing probe
 """
